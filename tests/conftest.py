@@ -1,0 +1,57 @@
+"""Optional test groups (torch, tfds, real Fashion-MNIST) skip where their package or data
+is missing, so `make test` runs on a fresh machine; `--require=GROUP,...` (what CI passes)
+turns any skip inside those groups into a failure, so none can go missing unnoticed."""
+
+import importlib.util
+import os
+
+import pytest
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# group -> (is it available here?, how to make it so)
+OPTIONAL_GROUPS = {
+    "torch": (lambda: importlib.util.find_spec("torch") is not None, "pip install torch"),
+    "tfds": (
+        lambda: importlib.util.find_spec("tensorflow_datasets") is not None,
+        "pip install tensorflow-datasets",
+    ),
+    "fashion_mnist": (
+        lambda: os.path.isdir(FASHION_MNIST_DIR), "apt-get install -y dataset-fashion-mnist"
+    ),
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--require", default="", metavar="GROUPS",
+        help=f"comma-separated test groups that must run, not skip: {', '.join(OPTIONAL_GROUPS)}",
+    )
+
+
+def required_groups(config) -> set[str]:
+    groups = {g for g in config.getoption("--require").split(",") if g}
+    unknown = groups - set(OPTIONAL_GROUPS)
+    if unknown:
+        raise pytest.UsageError(
+            f"--require: unknown group(s) {', '.join(sorted(unknown))}; "
+            f"accepted: {', '.join(OPTIONAL_GROUPS)}"
+        )
+    return groups
+
+
+def pytest_configure(config):
+    for group in sorted(required_groups(config)):
+        available, remedy = OPTIONAL_GROUPS[group]
+        if not available():
+            raise pytest.UsageError(f"--require={group}, but it is not available here: {remedy}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    required = required_groups(item.config) & {m.name for m in item.iter_markers()}
+    if report.skipped and required:
+        report.outcome = "failed"
+        groups = ", ".join(sorted(required))
+        report.longrepr = f"test of required group(s) {groups} was skipped: {report.longrepr}"
