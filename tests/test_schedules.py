@@ -1,0 +1,61 @@
+"""The paper's learning-rate schedules and the optimizer's weight-decay mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import schedules
+from resnet_jax.config import cifar_recipe
+
+
+def lr(config, step):
+    return float(schedules.learning_rate_schedule(config)(step))
+
+
+def test_cifar_schedule_divides_by_ten_at_32k_and_48k():
+    config = cifar_recipe("resnet20")
+    for step, expected in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01),
+                           (48_000, 0.001), (63_999, 0.001)]:
+        assert lr(config, step) == pytest.approx(expected), step
+
+
+def test_shortened_run_keeps_the_schedule_shape():
+    config = cifar_recipe("resnet20")
+    config.num_train_steps = 640
+    for step, expected in [(319, 0.1), (320, 0.01), (479, 0.01), (480, 0.001)]:
+        assert lr(config, step) == pytest.approx(expected), step
+
+
+@pytest.mark.parametrize("name", ["resnet110", "resnet1202"])
+def test_deep_nets_warm_up_at_0_01_for_400_iterations(name):
+    config = cifar_recipe(name)
+    for step, expected in [(0, 0.01), (399, 0.01), (400, 0.1), (31_999, 0.1), (32_000, 0.01),
+                           (48_000, 0.001)]:
+        assert lr(config, step) == pytest.approx(expected), step
+    assert lr(cifar_recipe("resnet56"), 0) == pytest.approx(0.1)
+
+
+def test_linear_warmup_then_cosine():
+    config = cifar_recipe("resnet20")
+    config.num_train_steps, config.lr_schedule = 1000, "cosine"
+    config.lr_warmup, config.lr_warmup_fraction = "linear", 0.1
+    assert lr(config, 0) == pytest.approx(0.0)
+    assert lr(config, 50) == pytest.approx(0.05)
+    assert lr(config, 100) == pytest.approx(0.1)
+    assert lr(config, 550) == pytest.approx(0.05, abs=1e-6)  # halfway down the cosine
+    assert lr(config, 1000) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("on, decayed", [("kernels", {"kernel"}), ("all", {"kernel", "bias", "scale"})])
+def test_weight_decay_reaches_the_chosen_parameters(on, decayed):
+    config = cifar_recipe("resnet20")
+    config.weight_decay_on, config.momentum = on, 0.0
+    params = {"conv": {"kernel": jnp.ones((3, 3))}, "bn": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
+    tx = schedules.optimizer(config)
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    # With zero gradient the update is -lr * weight_decay * param on decayed leaves only.
+    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        expected = -0.1 * 1e-4 if path[-1].key in decayed else 0.0
+        np.testing.assert_allclose(update, expected, rtol=1e-6)
