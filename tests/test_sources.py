@@ -11,28 +11,13 @@ import numpy as np
 import pytest
 
 from resnet_jax.data.sources import DATASETS, DataError, load_split
+from tests.fake_data import write_idx, write_mnist
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- writers of the original formats, independent of the code under test ------------------
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX: magic 0x0000 08 ndim, big-endian uint32 dims, then the bytes; gzipped for .gz."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    content = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(content) if path.suffix == ".gz" else content)
-
-
-def write_mnist(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool):
-    prefix = {"train": "train", "test": "t10k"}[split]
-    suffix = ".gz" if gz else ""
-    write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
-    write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
 
 
 def numbered_images(count: int, side: int) -> np.ndarray:

@@ -32,6 +32,13 @@ class DataError(ValueError):
 
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
 DATASETS = tuple(_NUM_CLASSES)
+# (height, width, channels) of each dataset's images: what a model for it is built for.
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "mnist": (28, 28, 1),
+                "fashion_mnist": (28, 28, 1)}
+
+
+def num_classes(name: str) -> int:
+    return _NUM_CLASSES[name]
 
 # The paper's CIFAR-10 protocol (Sec. 4.2): train on 45k, choose on the last 5k of train.
 HOLDOUT_VALIDATION_SIZE = 5000
