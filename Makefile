@@ -12,8 +12,11 @@ REQUIRE ?=
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/cifar10_resnet20
+# 1: install tensorflow-datasets (and tensorflow, to prepare a dataset the first time) for
+# configs that read through TFDS; 0 for configs that read local files (Fashion-MNIST).
+TFDS ?= 1
 
-.PHONY: setup summary test lint
+.PHONY: setup train summary test lint
 
 setup: $(VENV)/.installed
 
@@ -22,6 +25,10 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-test.txt -e .
 	touch $@
+
+train: setup
+	$(if $(filter 1,$(TFDS)),$(BIN)/python -m pip install -q -e ".[tfds,tfds-prepare]")
+	$(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 summary: setup
 	$(BIN)/python -m resnet_jax.summary
@@ -32,4 +39,4 @@ test: setup
 	$(BIN)/python -m pytest --require=$(REQUIRE)
 
 lint: setup
-	$(BIN)/ruff check resnet_jax tests
+	$(BIN)/ruff check .

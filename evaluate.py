@@ -1,0 +1,35 @@
+"""Evaluate a checkpoint of a run trained by train.py; prints one JSON line.
+
+python evaluate.py --workdir=runs/r20 [--step=latest|best|N] [--split=test]
+"""
+
+import argparse
+import json
+import sys
+
+from resnet_jax import cli
+from resnet_jax.data.sources import SPLITS
+
+
+def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
+    if overrides:
+        raise cli.ConfigError(
+            "evaluate.py takes no --config.* overrides: the run's saved config is used; "
+            "flags: --workdir, --step, --split, --data_dir"
+        )
+    from resnet_jax.evaluate import evaluate_workdir
+
+    print(json.dumps(evaluate_workdir(args.workdir, args.step, args.split, args.data_dir)))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a workdir written by train.py")
+    p.add_argument("--step", default="latest", help="latest (default), best (lowest eval error), or a number")
+    p.add_argument("--split", default=None, choices=SPLITS, help="default: the run's eval split")
+    p.add_argument("--data_dir", default=None, help="read the data from here instead of the saved path")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, parser()))

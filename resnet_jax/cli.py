@@ -1,0 +1,50 @@
+"""What `train.py` and `evaluate.py` share: flag parsing and how errors reach the user.
+
+A user's mistake (a bad config key or value, missing data, a wrong workdir) ends the
+command with one paragraph naming the problem and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from resnet_jax.checkpoint import WorkdirError
+from resnet_jax.config import ConfigError
+from resnet_jax.data.sources import DataError
+
+USER_ERRORS = (ConfigError, DataError, WorkdirError)
+OVERRIDE_PREFIX = "--config."
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate `--config.KEY=VALUE` overrides (ml_collections style) from other flags."""
+    rest, overrides = [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith(OVERRIDE_PREFIX):
+            rest.append(arg)
+            continue
+        key, sep, value = arg[len(OVERRIDE_PREFIX):].partition("=")
+        if not sep:
+            if not args:
+                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+            value = args.pop(0)
+        overrides.append((key, value))
+    return rest, overrides
+
+
+def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],
+        parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse flags and run `main(args, overrides)`, turning user errors into messages."""
+    try:
+        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(rest)
+        main(args, overrides)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

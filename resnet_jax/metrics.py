@@ -1,0 +1,96 @@
+"""Where a run's numbers go: `metrics.jsonl`, TensorBoard (optional) and the console.
+
+Only the first process writes or prints, so a pod run has one log, not one per host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def classification_metrics(
+    logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray | None = None
+) -> dict[str, jnp.ndarray]:
+    """Sums over the (unmasked) examples: loss, top-1 and top-5 errors, count."""
+    logits = logits.astype(jnp.float32)
+    mask = jnp.ones(labels.shape, bool) if mask is None else mask
+    losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "loss": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "errors": jnp.sum(mask & (jnp.argmax(logits, -1) != labels)),
+        "top5_errors": jnp.sum(mask & ~jnp.any(top5 == labels[:, None], axis=-1)),
+        "count": jnp.sum(mask),
+    }
+
+
+class MetricWriter:
+    """Appends one JSON object per line to `workdir/metrics.jsonl` and mirrors scalars to
+    TensorBoard when tensorboardX is installed and wanted."""
+
+    def __init__(self, workdir: Path, tensorboard: bool):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / METRICS_FILE
+        self.summary = None
+        if self.enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter  # optional: pip install -e .[tensorboard]
+            except ImportError:
+                print("note: TensorBoard events not written (pip install tensorboardX)", file=sys.stderr)
+            else:
+                self.summary = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def drop_after(self, step: int) -> None:
+        """Forget lines past `step`: a resumed run writes them again, identically."""
+        if not (self.enabled and self.path.exists()):
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(kept))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.summary is not None:
+            for name, value in values.items():
+                self.summary.add_scalar(name, value, step)
+            self.summary.flush()
+
+    def close(self) -> None:
+        if self.summary is not None:
+            self.summary.close()
+
+
+class Progress:
+    """The console line: step, loss, error, images/s and time left."""
+
+    def __init__(self, total_steps: int):
+        self.enabled = jax.process_index() == 0
+        self.total_steps = total_steps
+
+    def report(self, step: int, values: dict[str, Any], seconds_per_step: float | None = None) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float) and math.isfinite(v)]
+        if seconds_per_step is not None:
+            parts.append(f"eta {_duration((self.total_steps - step) * seconds_per_step)}")
+        print("  ".join(parts), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+

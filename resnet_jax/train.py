@@ -1,0 +1,274 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)` and its compiled steps.
+
+One `jax.jit`-compiled step over a 1-D `data` mesh: parameters, BN statistics and
+optimizer state replicated, the batch split over the devices, the state donated. The
+small datasets of the paper's CIFAR experiments live on the devices; each step gathers,
+normalises and augments its own batch (see `data/memory.py`), optionally several steps
+per dispatch with `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from resnet_jax import checkpoint, schedules
+from resnet_jax import config as config_lib
+from resnet_jax.complexity import count_macs, count_params
+from resnet_jax.data import memory
+from resnet_jax.data.augment import normalization_stats
+from resnet_jax.data.sources import IMAGE_SHAPES, load_split, num_classes
+from resnet_jax.metrics import MetricWriter, Progress, classification_metrics
+from resnet_jax.models import ResNet, create_model
+from resnet_jax.parallel import Parallel, data_parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def build_model(config: ml_collections.ConfigDict) -> ResNet:
+    """The network a config describes, sized for its dataset's classes."""
+    overrides = dict(
+        num_classes=num_classes(config.dataset.name),
+        dtype=jnp.dtype(config.model.dtype),
+        zero_init_residual=config.model.zero_init_residual,
+        stride_in_1x1=config.model.stride_in_1x1,
+    )
+    if config.model.shortcut:
+        overrides["shortcut"] = config.model.shortcut
+    return create_model(config.model.name, **overrides)
+
+
+def _init_state(config: ml_collections.ConfigDict, model: ResNet, key: jax.Array) -> TrainState:
+    image = jnp.zeros((1, *IMAGE_SHAPES[config.dataset.name]), jnp.float32)
+    variables = model.init(key, image, train=False)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=schedules.optimizer(config).init(variables["params"]),
+    )
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict, model: ResNet, sharding: jax.sharding.Sharding | None = None
+) -> TrainState:
+    """The state's shapes and dtypes (and placement), to restore a checkpoint into."""
+    sharding = sharding or data_parallel().replicated
+    shapes = jax.eval_shape(lambda key: _init_state(config, model, key), jax.random.key(0))
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def _apply_train(model: ResNet, variables: dict, images: jnp.ndarray, bn_group_size: int):
+    """Training-mode forward pass: (logits, new batch_stats).
+
+    With `bn_group_size`, BN normalises each group of that many examples on its own
+    statistics (the paper's per-GPU BN); the groups' running statistics are averaged.
+    """
+    if not bn_group_size or bn_group_size == images.shape[0]:
+        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+    groups = images.reshape(-1, bn_group_size, *images.shape[1:])
+    logits, updates = jax.vmap(
+        lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])
+    )(groups)
+    batch_stats = jax.tree_util.tree_map(lambda s: s.mean(axis=0), updates["batch_stats"])
+    return logits.reshape(-1, logits.shape[-1]), batch_stats
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel
+) -> Callable[[TrainState, memory.DeviceData, jax.Array], tuple[TrainState, dict]]:
+    """`step(state, data, key) -> (state, metrics)`: `steps_per_dispatch` SGD steps.
+
+    metrics: summed over the steps, "loss" (of the per-step mean losses) and "errors"
+    (misclassified training examples), for the host to average.
+    """
+    tx = schedules.optimizer(config)
+
+    def one_step(state: TrainState, data: memory.DeviceData, key: jax.Array):
+        images, labels = memory.train_batch(
+            data, state.step, key, config.batch_size, config.dataset.augment,
+            config.dataset.crop_padding,
+        )
+        images = jax.lax.with_sharding_constraint(images, parallel.batch)
+        labels = jax.lax.with_sharding_constraint(labels, parallel.batch)
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            logits, batch_stats = _apply_train(model, variables, images, config.bn_group_size)
+            targets = optax.smooth_labels(
+                jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing
+            )
+            loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+            return loss, (logits, batch_stats)
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        errors = jnp.sum(jnp.argmax(logits, -1) != labels)
+        return new_state, {"loss": loss, "errors": errors}
+
+    def step(state: TrainState, data: memory.DeviceData, key: jax.Array):
+        state, per_step = jax.lax.scan(
+            lambda s, _: one_step(s, data, key), state, length=config.steps_per_dispatch
+        )
+        return state, jax.tree_util.tree_map(jnp.sum, per_step)
+
+    return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated)
+
+
+def make_eval_step(model: ResNet, batch_size: int, parallel: Parallel):
+    """`eval_step(variables, data, index) -> sums` over eval batch `index` (padding masked)."""
+
+    def eval_step(variables: dict, data: memory.DeviceData, index: jax.Array):
+        images, labels, mask = memory.eval_batch(data, index, batch_size)
+        images = jax.lax.with_sharding_constraint(images, parallel.batch)
+        logits = model.apply(variables, images, train=False)
+        return classification_metrics(logits, labels, mask)
+
+    return jax.jit(eval_step, out_shardings=parallel.replicated)
+
+
+def evaluate(eval_step, variables: dict, data: memory.DeviceData, batch_size: int) -> dict[str, float]:
+    """Loss, top-1 and top-5 error over every example of `data`, each scored once."""
+    totals = {"loss": 0.0, "errors": 0, "top5_errors": 0, "count": 0}
+    for index in range(memory.num_eval_batches(data, batch_size)):
+        sums = jax.device_get(eval_step(variables, data, jnp.int32(index)))
+        for name in totals:
+            totals[name] += sums[name].item()
+    count = totals["count"]
+    return {
+        "loss": totals["loss"] / count,
+        "error": totals["errors"] / count,
+        "top5_error": totals["top5_errors"] / count,
+        "num_examples": count,
+    }
+
+
+def load_data(config: ml_collections.ConfigDict, parallel: Parallel, splits: tuple[str, ...]):
+    """The config's splits (by role: "train", "eval") on the devices, normalised with the
+    training split's statistics; read and checked before anything is compiled."""
+    data_dir = config.dataset.data_dir or None
+    train = load_split(config.dataset.name, config.dataset.train_split, data_dir)
+    mean, std = normalization_stats(train.images, config.dataset.normalization)
+    loaded = {}
+    for role in splits:
+        if role == "train":
+            memory.check_batch_fits(train, config.batch_size, config.dataset.train_split)
+            split = train
+        else:
+            split = load_split(config.dataset.name, config.dataset.eval_split, data_dir)
+        loaded[role] = memory.put_on_devices(split, mean, std, parallel.replicated)
+    return loaded
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Train as `config` says, evaluating and checkpointing into `workdir`; resume from the
+    latest checkpoint there. Returns the last evaluation (loss, error, top5_error, ...)."""
+    workdir = Path(workdir)
+    parallel = data_parallel()
+    config_lib.validate(config, parallel.num_devices)
+    data = load_data(config, parallel, ("train", "eval"))
+    checkpoint.claim_workdir(workdir, config)  # only now, when the run is known to be valid
+
+    model = build_model(config)
+    key = jax.random.key(config.seed)
+    init_key, data_key = jax.random.split(key)
+    train_step = make_train_step(config, model, parallel)
+    eval_step = make_eval_step(model, config.eval_batch_size, parallel)
+    schedule = schedules.learning_rate_schedule(config)
+    writer = MetricWriter(workdir, config.tensorboard)
+    progress = Progress(config.num_train_steps)
+    mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+
+    start = mngr.latest_step()
+    if start is None:
+        init = jax.jit(lambda k: _init_state(config, model, k), out_shardings=parallel.replicated)
+        state = init(init_key)
+        start = 0
+    else:
+        state = checkpoint.restore(mngr, start, abstract_train_state(config, model, parallel.replicated))
+        writer.drop_after(start)
+    if progress.enabled:
+        image_shape = (1, *IMAGE_SHAPES[config.dataset.name])
+        print(
+            f"{config.model.name}: {count_params(state.params):,} parameters, "
+            f"{count_macs(model, image_shape) / 1e6:.1f}M multiply-adds per image; "
+            f"{data['train'].num_examples} training / {data['eval'].num_examples} eval examples; "
+            f"{parallel.num_devices} device(s); "
+            + (f"resuming at step {start}" if start else "from scratch"),
+            flush=True,
+        )
+
+    def run_eval() -> dict[str, float]:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        result = evaluate(eval_step, variables, data["eval"], config.eval_batch_size)
+        return {f"eval_{k}": result[k] for k in ("loss", "error", "top5_error")}
+
+    last_eval: dict[str, float] = {}
+    step, pending = start, []
+    interval_start, timed_steps = None, 0
+    while step < config.num_train_steps:
+        state, metrics = train_step(state, data["train"], data_key)
+        step += config.steps_per_dispatch
+        pending.append(metrics)
+        if interval_start is None:
+            # The first dispatch includes compilation: time the steps after it.
+            jax.block_until_ready(metrics)
+            interval_start = time.perf_counter()
+        else:
+            timed_steps += config.steps_per_dispatch
+        finished = step >= config.num_train_steps
+        logged = step % config.log_every_steps == 0 or finished
+        if logged:
+            sums = jax.device_get(pending)  # waits for the steps, so the clock below is right
+            elapsed = time.perf_counter() - interval_start
+            num_steps = len(pending) * config.steps_per_dispatch
+            values = {
+                "train_loss": sum(m["loss"].item() for m in sums) / num_steps,
+                "train_error": sum(m["errors"].item() for m in sums) / (num_steps * config.batch_size),
+                "learning_rate": float(schedule(step - 1)),
+            }
+            if timed_steps:
+                values["images_per_sec"] = timed_steps * config.batch_size / elapsed
+            writer.write(step, values)
+            progress.report(step, values, elapsed / timed_steps if timed_steps else None)
+            pending = []
+        evaluated = step % config.eval_every_steps == 0 or finished
+        if evaluated:
+            last_eval = run_eval()
+            writer.write(step, last_eval)
+            progress.report(step, last_eval)
+        if step % config.checkpoint_every_steps == 0 or finished:
+            checkpoint.save(mngr, step, state, last_eval if evaluated else None)
+        if logged:  # evaluation and saving stay out of the next interval's throughput
+            interval_start, timed_steps = time.perf_counter(), 0
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    return last_eval or run_eval()  # nothing left to train: the restored checkpoint's numbers
+
+
+__all__ = [
+    "TrainState", "abstract_train_state", "build_model", "evaluate", "load_data",
+    "make_eval_step", "make_train_step", "train_and_evaluate",
+]

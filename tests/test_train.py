@@ -1,0 +1,211 @@
+"""End to end: train.py's loop on tiny nets and data in the real formats, then evaluate."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import checkpoint
+from resnet_jax.config import cifar_recipe
+from resnet_jax.evaluate import evaluate_workdir
+from resnet_jax.train import train_and_evaluate
+from tests.fake_data import write_mnist
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def graded_images(rng, labels, side=12):
+    """Noise over a brightness that grows with the label: learnable in a few steps."""
+    noise = rng.integers(0, 40, (len(labels), side, side))
+    return (noise + 20 * labels[:, None, None]).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fake_fashion_mnist")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 512), ("test", 100)):  # 100: the last eval batch is padded
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        write_mnist(folder, split, graded_images(rng, labels), labels, gz=True)
+    return folder
+
+
+def tiny_config(data_dir, **changes):
+    config = cifar_recipe("resnet8", "fashion_mnist")
+    config.dataset.data_dir = str(data_dir)
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.num_train_steps = 24
+    config.log_every_steps = 4
+    config.eval_every_steps = 12
+    config.checkpoint_every_steps = 12
+    config.tensorboard = False
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def read_lines(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    result = train_and_evaluate(tiny_config(data_dir), workdir)
+    return workdir, result
+
+
+def test_training_lowers_the_loss_and_writes_the_run(trained):
+    workdir, result = trained
+    lines = read_lines(workdir)
+    train = [line for line in lines if "train_loss" in line]
+    evals = [line for line in lines if "eval_error" in line]
+    assert [line["step"] for line in train] == [4, 8, 12, 16, 20, 24]
+    assert [line["step"] for line in evals] == [12, 24]
+    assert train[-1]["train_loss"] < 0.7 * train[0]["train_loss"]
+    assert all(0 <= line["train_error"] <= 1 and line["images_per_sec"] > 0 for line in train[1:])
+    assert result["eval_error"] == evals[-1]["eval_error"] < 0.5  # chance is 0.9
+    assert 0 <= result["eval_top5_error"] <= result["eval_error"]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["config"]["model"]["name"] == "resnet8"
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [12, 24]
+
+
+def test_evaluate_equals_the_in_training_eval(trained):
+    workdir, _ = trained
+    evals = {line["step"]: line for line in read_lines(workdir) if "eval_error" in line}
+    for step in (12, 24):
+        result = evaluate_workdir(workdir, step)
+        assert result["step"] == step and result["num_examples"] == 100
+        assert result["error"] == evals[step]["eval_error"]
+        assert result["top5_error"] == evals[step]["eval_top5_error"]
+        assert result["loss"] == evals[step]["eval_loss"]
+    assert evaluate_workdir(workdir, "best")["step"] == min(evals, key=lambda s: (evals[s]["eval_error"], s))
+
+
+def test_evaluate_cli_prints_one_json_line(trained):
+    workdir, _ = trained
+    out = (
+        subprocess.run(
+            [sys.executable, "evaluate.py", f"--workdir={workdir}", "--split=train"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
+    result = json.loads(out[-1])
+    assert result["step"] == 24 and result["num_examples"] == 512
+    assert set(result) == {"step", "error", "top5_error", "loss", "num_examples"}
+
+
+def test_load_returns_model_variables_and_config(trained):
+    workdir, _ = trained
+    model, variables, config = checkpoint.load(workdir)
+    assert config.model.name == "resnet8" and config.num_train_steps == 24
+    logits = model.apply(variables, jnp.zeros((2, 12, 12, 1)), train=False)
+    assert logits.shape == (2, 10)
+
+
+def without_timing(lines):
+    return [{k: v for k, v in line.items() if k != "images_per_sec"} for line in lines]
+
+
+def test_an_interrupted_run_resumes_as_if_never_stopped(trained, data_dir, tmp_path, capsys):
+    reference_dir, _ = trained
+    workdir = tmp_path / "run"
+    train_and_evaluate(tiny_config(data_dir), workdir)
+    # As if killed after the step-12 checkpoint: the step-24 one was never written.
+    shutil.rmtree(workdir / "checkpoints" / "24")
+    capsys.readouterr()
+    train_and_evaluate(tiny_config(data_dir), workdir)
+    assert "resuming at step 12" in capsys.readouterr().out
+    assert without_timing(read_lines(workdir)) == without_timing(read_lines(reference_dir))
+    _, resumed, _ = checkpoint.load(workdir)
+    _, uninterrupted, _ = checkpoint.load(reference_dir)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, uninterrupted)
+
+
+def test_a_workdir_of_another_run_is_refused_and_left_alone(trained, data_dir):
+    workdir, _ = trained
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    with pytest.raises(checkpoint.WorkdirError, match=r"different run.*batch_size: 32 != 16"):
+        train_and_evaluate(tiny_config(data_dir, batch_size=16), workdir)
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_steps_per_dispatch_gives_the_same_run(data_dir, tmp_path):
+    one = train_and_evaluate(tiny_config(data_dir, num_train_steps=8, eval_every_steps=8), tmp_path / "a")
+    four = train_and_evaluate(
+        tiny_config(data_dir, num_train_steps=8, eval_every_steps=8, steps_per_dispatch=4), tmp_path / "b"
+    )
+    assert four["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    losses = [[line["train_loss"] for line in read_lines(tmp_path / d) if "train_loss" in line] for d in "ab"]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+DEVICE_RUN = """
+import json, sys
+from resnet_jax.train import train_and_evaluate
+from tests.test_train import tiny_config
+result = train_and_evaluate(tiny_config(sys.argv[1], num_train_steps=8, eval_every_steps=8), sys.argv[2])
+print(json.dumps(result))
+"""
+
+
+def run_on_devices(count, data_dir, workdir):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
+    out = subprocess.run(
+        [sys.executable, "-c", DEVICE_RUN, str(data_dir), str(workdir)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{count} device(s)" in out.stdout
+    return json.loads(out.stdout.strip().splitlines()[-1]), read_lines(workdir)
+
+
+def test_one_and_eight_devices_train_alike(data_dir, tmp_path):
+    one, one_lines = run_on_devices(1, data_dir, tmp_path / "one")
+    eight, eight_lines = run_on_devices(8, data_dir, tmp_path / "eight")
+    losses = [
+        [line["train_loss"] for line in lines if "train_loss" in line] for lines in (one_lines, eight_lines)
+    ]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    assert eight["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+
+
+def test_bn_groups_normalise_each_group_on_its_own():
+    from resnet_jax.models import create_model
+    from resnet_jax.train import _apply_train
+
+    model = create_model("resnet8")
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+    logits, stats = _apply_train(model, variables, x, bn_group_size=4)
+    halves = [model.apply(variables, x[i : i + 4], train=True, mutable=["batch_stats"]) for i in (0, 4)]
+    np.testing.assert_allclose(logits, jnp.concatenate([h[0] for h in halves]), rtol=1e-5, atol=1e-6)
+    expected_stats = jax.tree_util.tree_map(
+        lambda a, b: (a + b) / 2, halves[0][1]["batch_stats"], halves[1][1]["batch_stats"]
+    )
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, expected_stats
+    )
+    whole_batch, _ = _apply_train(model, variables, x, bn_group_size=0)
+    assert not np.allclose(whole_batch, logits, atol=1e-3)

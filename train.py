@@ -1,0 +1,33 @@
+"""Train a network of the paper from a config file.
+
+    python train.py --config=configs/cifar10_resnet20.py --workdir=runs/r20 [--config.KEY=VALUE ...]
+
+Rerunning the same command resumes from the workdir's latest checkpoint.
+"""
+
+import argparse
+import sys
+
+from resnet_jax import cli
+from resnet_jax import config as config_lib
+
+
+def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
+    config = config_lib.load(args.config)
+    config_lib.apply_overrides(config, overrides)
+    from resnet_jax.train import train_and_evaluate  # after the cheap checks above
+
+    train_and_evaluate(config, args.workdir)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--config", required=True, help="a config file defining get_config(), e.g. configs/default.py"
+    )
+    p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, parser()))
