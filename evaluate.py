@@ -9,6 +9,7 @@ import sys
 
 from resnet_jax import cli
 from resnet_jax.data.sources import SPLITS
+from resnet_jax.evaluate import evaluate_workdir
 
 
 def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
@@ -17,8 +18,6 @@ def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
             "evaluate.py takes no --config.* overrides: the run's saved config is used; "
             "flags: --workdir, --step, --split, --data_dir"
         )
-    from resnet_jax.evaluate import evaluate_workdir
-
     print(json.dumps(evaluate_workdir(args.workdir, args.step, args.split, args.data_dir)))
 
 

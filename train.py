@@ -10,14 +10,13 @@ import sys
 
 from resnet_jax import cli
 from resnet_jax import config as config_lib
+from resnet_jax.train import train_and_evaluate
 
 
 def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
     config = config_lib.load(args.config)
     config_lib.apply_overrides(config, overrides)
-    from resnet_jax.train import train_and_evaluate  # after the cheap checks above
-
-    train_and_evaluate(config, args.workdir)
+    train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,6 +25,10 @@ def parser() -> argparse.ArgumentParser:
         "--config", required=True, help="a config file defining get_config(), e.g. configs/default.py"
     )
     p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go")
+    p.add_argument(
+        "--allow_config_change", action="store_true",
+        help="continue a workdir whose saved config differs (e.g. more steps); its config.json is kept",
+    )
     return p
 
 

@@ -3,16 +3,26 @@
 A workdir holds `config.json` (the run's config and its fingerprint) and
 `checkpoints/<step>/` written by an Orbax `CheckpointManager`: asynchronous saves,
 the last `keep_checkpoints` kept plus the one with the lowest eval error.
+
+Orbax checks no content, so each save records a SHA-256 of every array in the step's
+metadata, and every restore recomputes and compares them: a damaged checkpoint is
+reported with its path, never loaded. Damaged checkpoints met while resuming are moved
+to `checkpoints_damaged/` (kept for inspection, out of Orbax's way) and the run falls
+back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
@@ -20,30 +30,62 @@ from resnet_jax import config as config_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"
+DIGEST_KEY = "sha256"
 
 
 class WorkdirError(RuntimeError):
     """A workdir that this run must not use, or that holds no usable checkpoint."""
 
 
-def claim_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Write `config.json`, or check that the one there describes this same run.
+class DamagedCheckpoint(WorkdirError):
+    """A checkpoint whose files are missing, unreadable, or differ from their recorded hashes."""
 
-    A workdir holding a different run (another fingerprint) is refused and left as it is.
+
+def _record(config: ml_collections.ConfigDict) -> dict:
+    return {"fingerprint": config_lib.fingerprint(config), "config": config_lib.to_dict(config)}
+
+
+def check_workdir(workdir: Path, config: ml_collections.ConfigDict, allow_config_change: bool) -> None:
+    """Refuse, changing nothing, a workdir that holds a different run.
+
+    A different run is a saved `config.json` with another fingerprint, or checkpoints
+    with no `config.json` at all. With `allow_config_change` the run may continue there
+    (say, with more steps); its checkpoints must still fit the new model, which
+    `check_compatible` verifies before anything is written.
     """
     path = workdir / CONFIG_FILE
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("fingerprint") != config_lib.fingerprint(config):
+        if saved.get("fingerprint") != config_lib.fingerprint(config) and not allow_config_change:
             diffs = config_lib.differences(config_lib.from_dict(saved["config"]), config)
             raise WorkdirError(
                 f"{workdir} holds a different run (saved config vs this one: {'; '.join(diffs)}). "
-                "Nothing was changed there; use a new --workdir, or the saved config to resume it."
+                "Nothing was changed there; use a new --workdir, the saved config to resume it, "
+                "or --allow_config_change to continue that run's checkpoints with this config."
             )
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        record = {"fingerprint": config_lib.fingerprint(config), "config": config_lib.to_dict(config)}
-        path.write_text(json.dumps(record, indent=2) + "\n")
+    elif (workdir / CHECKPOINT_DIR).exists() and not allow_config_change:
+        raise WorkdirError(
+            f"{workdir} holds checkpoints but no {CONFIG_FILE}, so they may belong to another run; "
+            "nothing was changed there. Use a new --workdir, or --allow_config_change to continue them."
+        )
+
+
+def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Write `config.json`; a different one already there is kept as config.<fingerprint>.json."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / CONFIG_FILE
+    record = _record(config)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == record["fingerprint"]:
+            return
+        path.rename(workdir / f"config.{saved.get('fingerprint', 'unknown')}.json")
+    partial = path.with_suffix(".json.tmp")  # a kill mid-write must not leave half a file
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
 
 
 def read_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -66,19 +108,110 @@ def manager(workdir: Path, keep: int = 3, read_only: bool = False) -> ocp.Checkp
         # best_fn makes Orbax store each save's metrics; the policy decides what is kept.
         best_fn=_eval_error, best_mode="min",
         preservation_policy=policy, read_only=read_only, create=not read_only,
+        # Leftovers of a save that was killed half-way are removed at the next start.
         cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
+        item_handlers=ocp.StandardCheckpointHandler(),
+    )
+
+
+def digest(state: Any) -> dict[str, str]:
+    """SHA-256 of every array of a (host or fully addressable) state, by tree path."""
+    digests = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+        array = np.ascontiguousarray(leaf)
+        header = f"{array.dtype.str}{array.shape}".encode()
+        digests[jax.tree_util.keystr(path)] = hashlib.sha256(header + array.tobytes()).hexdigest()
+    return digests
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None = None) -> None:
     """Start an asynchronous save of `state` (training goes on while it is written)."""
-    mngr.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    mngr.save(
+        step, args=ocp.args.StandardSave(state), metrics=metrics, force=True,
+        custom_metadata={DIGEST_KEY: digest(state)},
+    )
+
+
+def _path_name(path: tuple) -> str:
+    """'params/conv1/kernel': one spelling for a state's paths and the same paths as Orbax's
+    metadata stores them (dict keys and list indices where the state has fields)."""
+    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    return "/".join(str(part) for part in parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    return {
+        _path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+    """Raise, naming the first differing key path with both shapes and dtypes, when the
+    checkpoint at `step` does not fit `abstract_state` (another model, classes or dtype)."""
+    try:
+        stored = _shapes(mngr.item_metadata(step))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        problem = f"{type(error).__name__}: {str(error)[:300]}"
+        raise DamagedCheckpoint(
+            f"checkpoint {Path(mngr.directory) / str(step)} cannot be read: {problem}"
+        ) from None
+    wanted = _shapes(abstract_state)
+    for key in sorted(set(stored) | set(wanted)):
+        if stored.get(key) != wanted.get(key):
+            have = "absent" if key not in stored else f"{stored[key][0]} {stored[key][1]}"
+            need = "absent" if key not in wanted else f"{wanted[key][0]} {wanted[key][1]}"
+            raise WorkdirError(
+                f"checkpoint {Path(mngr.directory) / str(step)} does not fit this config's model: "
+                f"{key} is {have} in the checkpoint but {need} in the model. Nothing was changed."
+            )
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-    """`step`'s state, placed with the shardings of `abstract_state` (ShapeDtypeStructs)."""
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    """`step`'s state, placed like `abstract_state` (ShapeDtypeStructs with shardings),
+    after checking every array against the hashes recorded when it was saved."""
+    path = Path(mngr.directory) / str(step)
+    try:
+        recorded = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
+        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    # tensorstore reports damage as ValueError, OSError or a bare Exception; the tree's
+    # structure was checked against the metadata before, so what fails here is reading.
+    except Exception as error:
+        problem = f"{type(error).__name__}: {str(error)[:300]}"
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {problem}") from None
+    if not recorded:
+        raise DamagedCheckpoint(f"checkpoint {path} has no recorded content hashes (metadata missing)")
+    actual = digest(state)
+    for key in sorted(set(recorded) | set(actual)):
+        if recorded.get(key) != actual.get(key):
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: {key} differs from its recorded hash")
+    return state
+
+
+def restore_latest_intact(workdir: Path, mngr: ocp.CheckpointManager, abstract_state: Any):
+    """(step, state) of the newest checkpoint that restores intact, or (None, None) if there
+    are none. Damaged ones are moved to `checkpoints_damaged/` with a warning; if all are
+    damaged the run stops rather than start again from scratch over them."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            check_compatible(mngr, step, abstract_state)
+            return step, restore(mngr, step, abstract_state)
+        except DamagedCheckpoint as error:
+            print(f"warning: {error}; moved to {DAMAGED_DIR}/, trying an older one", file=sys.stderr)
+            if jax.process_index() == 0:
+                (workdir / DAMAGED_DIR).mkdir(exist_ok=True)
+                shutil.move(str(Path(mngr.directory) / str(step)), workdir / DAMAGED_DIR / str(step))
+            mngr.reload()
+    if steps:
+        raise WorkdirError(
+            f"every checkpoint in {mngr.directory} is damaged (moved to {workdir / DAMAGED_DIR}); "
+            "nothing intact to resume from"
+        )
+    return None, None
 
 
 def resolve_step(mngr: ocp.CheckpointManager, step: str | int | None) -> int:
@@ -106,7 +239,8 @@ def load(workdir: str | Path, step: str | int | None = None):
     """(model, variables, config) of a run, for notebooks and scripts.
 
     `variables` is {'params', 'batch_stats'} at `step` ("latest" by default, "best", or
-    a number), ready for `model.apply(variables, images, train=False)`.
+    a number), ready for `model.apply(variables, images, train=False)`. A damaged
+    checkpoint raises `DamagedCheckpoint` naming its path.
     """
     from resnet_jax.train import abstract_train_state, build_model  # train imports this module
 
@@ -115,5 +249,7 @@ def load(workdir: str | Path, step: str | int | None = None):
     model = build_model(config)
     with manager(workdir, read_only=True) as mngr:
         chosen = resolve_step(mngr, step)
-        state = restore(mngr, chosen, abstract_train_state(config, model))
+        abstract_state = abstract_train_state(config, model)
+        check_compatible(mngr, chosen, abstract_state)
+        state = restore(mngr, chosen, abstract_state)
     return model, {"params": state.params, "batch_stats": state.batch_stats}, config

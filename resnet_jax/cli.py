@@ -1,7 +1,8 @@
 """What `train.py` and `evaluate.py` share: flag parsing and how errors reach the user.
 
-A user's mistake (a bad config key or value, missing data, a wrong workdir) ends the
-command with one paragraph naming the problem and exit status 2, not a traceback.
+A user's mistake (a bad config key or value, missing data, a wrong workdir, a damaged
+checkpoint) or a diverged run ends the command with one paragraph naming the problem and
+exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import absl.logging
+
 from resnet_jax.checkpoint import WorkdirError
 from resnet_jax.config import ConfigError
 from resnet_jax.data.sources import DataError
+from resnet_jax.train import TrainingDiverged
 
-USER_ERRORS = (ConfigError, DataError, WorkdirError)
+# Problems a user can act on: reported as one paragraph, not a traceback.
+USER_ERRORS = (ConfigError, DataError, WorkdirError, TrainingDiverged)
 OVERRIDE_PREFIX = "--config."
 
 
@@ -40,6 +45,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
 def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],
         parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse flags and run `main(args, overrides)`, turning user errors into messages."""
+    # Orbax logs routine notes (read-only managers, ...) as warnings; keep the console for ours.
+    absl.logging.set_verbosity(absl.logging.ERROR)
     try:
         rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(rest)

@@ -99,10 +99,15 @@ def load(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {str(path)!r} does not exist; pass one of configs/*.py")
     spec = importlib.util.spec_from_file_location(f"resnet_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {str(path)!r} defines no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+        return module.get_config()
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's file: report where, not a traceback into it
+        raise ConfigError(f"config file {str(path)!r} failed: {type(error).__name__}: {error}") from None
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -146,9 +151,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
     known = flat_keys(config)
     for key, text in overrides:
         if key not in known:
-            nearest = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-            hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
-            raise ConfigError(f"unknown config key {key!r}{hint} Keys: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown config key {key!r}{_nearest(key, known)} Keys: {', '.join(sorted(known))}"
+            )
         *parents, leaf = key.split(".")
         node = config
         for parent in parents:
@@ -161,8 +166,34 @@ def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"config.{key} = {value!r} is not accepted; expected {accepted}")
 
 
+def _nearest(key: str, keys: Iterable[str]) -> str:
+    nearest = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+    return f"; did you mean {nearest[0]!r}?" if nearest else ""
+
+
+def _check_schema(config: ml_collections.ConfigDict) -> None:
+    """Every key of the recipe present, no other, each with the recipe's type (ints pass
+    for floats): a config file's typo or a quoted number is caught before anything runs."""
+    schema, given = flat_keys(cifar_recipe("resnet20")), flat_keys(config)
+    for key in sorted(set(given) - set(schema)):
+        raise ConfigError(
+            f"unknown config key {key!r}{_nearest(key, schema)} Keys: {', '.join(sorted(schema))}"
+        )
+    for key in sorted(set(schema) - set(given)):
+        raise ConfigError(f"config key {key!r} is missing; every config has it (default: {schema[key]!r})")
+    for key, value in given.items():
+        expected = type(schema[key])
+        if expected is float and type(value) is int:
+            continue
+        if type(value) is not expected:
+            raise ConfigError(
+                f"config.{key} = {value!r} is a {type(value).__name__}; expected a {expected.__name__}"
+            )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Refuse, with the key, the value and what is accepted, a config that cannot run."""
+    _check_schema(config)
     try:
         spec = model_spec(config.model.name)
     except ValueError as error:

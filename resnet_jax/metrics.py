@@ -33,6 +33,14 @@ def classification_metrics(
     }
 
 
+def _step_of(line: str) -> int | None:
+    """A line's step; None for a line cut short when a run was killed mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 class MetricWriter:
     """Appends one JSON object per line to `workdir/metrics.jsonl` and mirrors scalars to
     TensorBoard when tensorboardX is installed and wanted."""
@@ -50,11 +58,12 @@ class MetricWriter:
                 self.summary = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def drop_after(self, step: int) -> None:
-        """Forget lines past `step`: a resumed run writes them again, identically."""
+        """Forget lines past `step` (and a last line cut short by a kill): the resumed run
+        writes them again, identically."""
         if not (self.enabled and self.path.exists()):
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
         if len(kept) != len(lines):
             self.path.write_text("".join(kept))
 
@@ -68,7 +77,10 @@ class MetricWriter:
                 self.summary.add_scalar(name, value, step)
             self.summary.flush()
 
-    def close(self) -> None:
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.summary is not None:
             self.summary.close()
 

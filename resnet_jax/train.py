@@ -29,6 +29,7 @@ from resnet_jax.data.sources import IMAGE_SHAPES, load_split, num_classes
 from resnet_jax.metrics import MetricWriter, Progress, classification_metrics
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.parallel import Parallel, data_parallel
+from resnet_jax.preemption import PreemptionWatcher
 
 
 @flax.struct.dataclass
@@ -95,7 +96,8 @@ def make_train_step(
     """`step(state, data, key) -> (state, metrics)`: `steps_per_dispatch` SGD steps.
 
     metrics: summed over the steps, "loss" (of the per-step mean losses) and "errors"
-    (misclassified training examples), for the host to average.
+    (misclassified training examples), for the host to average; "finite" (loss and
+    parameters of every step), and if not, the first step where they were not.
     """
     tx = schedules.optimizer(config)
 
@@ -124,14 +126,30 @@ def make_train_step(
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
-        errors = jnp.sum(jnp.argmax(logits, -1) != labels)
-        return new_state, {"loss": loss, "errors": errors}
+        params_finite = jnp.all(jnp.stack([
+            jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(new_state.params)
+        ]))
+        return new_state, {
+            "loss": loss,
+            "errors": jnp.sum(jnp.argmax(logits, -1) != labels),
+            "loss_finite": jnp.isfinite(loss),
+            "params_finite": params_finite,
+            "step": new_state.step,
+        }
 
     def step(state: TrainState, data: memory.DeviceData, key: jax.Array):
         state, per_step = jax.lax.scan(
             lambda s, _: one_step(s, data, key), state, length=config.steps_per_dispatch
         )
-        return state, jax.tree_util.tree_map(jnp.sum, per_step)
+        finite = per_step["loss_finite"] & per_step["params_finite"]
+        first_bad = jnp.argmin(finite)  # the first False, if any
+        return state, {
+            "loss": jnp.sum(per_step["loss"]),
+            "errors": jnp.sum(per_step["errors"]),
+            "finite": jnp.all(finite),
+            "first_nonfinite_step": per_step["step"][first_bad],
+            "first_nonfinite_loss": ~per_step["loss_finite"][first_bad],
+        }
 
     return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated)
 
@@ -181,33 +199,68 @@ def load_data(config: ml_collections.ConfigDict, parallel: Parallel, splits: tup
     return loaded
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+class TrainingDiverged(RuntimeError):
+    """The loss or the parameters stopped being finite; no checkpoint of that state is written."""
+
+
+def _check_finite(fetched: list[dict]) -> None:
+    for metrics in fetched:
+        if not metrics["finite"]:
+            what = "training loss" if metrics["first_nonfinite_loss"] else "parameters"
+            raise TrainingDiverged(
+                f"step {int(metrics['first_nonfinite_step'])}: the {what} stopped being finite "
+                "(nan or inf); the run stopped without saving that state. Its last checkpoint is "
+                "intact; a lower learning_rate or a warm-up (lr_warmup) may help."
+            )
+
+
+def _restore_or_init(config, model, workdir: Path, parallel: Parallel, init_key, allow_config_change: bool):
+    """(start step, state): the newest intact checkpoint's, or a fresh initialisation.
+
+    Everything that could refuse the workdir runs before anything is written to it.
+    """
+    abstract_state = abstract_train_state(config, model, parallel.replicated)
+    checkpoint.check_workdir(workdir, config, allow_config_change)
+    if (workdir / checkpoint.CHECKPOINT_DIR).exists():
+        with checkpoint.manager(workdir, read_only=True) as reader:
+            for step in reader.all_steps():
+                try:
+                    checkpoint.check_compatible(reader, step, abstract_state)
+                except checkpoint.DamagedCheckpoint:
+                    pass  # set aside below, when resuming; only a misfit must stop us here
+    checkpoint.write_config(workdir, config)
+    mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+    start, state = checkpoint.restore_latest_intact(workdir, mngr, abstract_state)
+    if state is None:
+        init = jax.jit(lambda k: _init_state(config, model, k), out_shardings=parallel.replicated)
+        start, state = 0, init(init_key)
+    return mngr, start, state
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, allow_config_change: bool = False
+) -> dict[str, float]:
     """Train as `config` says, evaluating and checkpointing into `workdir`; resume from the
-    latest checkpoint there. Returns the last evaluation (loss, error, top5_error, ...)."""
+    newest intact checkpoint there. Returns the last evaluation (eval_loss, eval_error,
+    eval_top5_error), or {"preempted_at_step": N} when SIGTERM stopped the run early.
+
+    `allow_config_change` lets a workdir of a different config be continued (its old
+    config.json is kept beside the new one); its checkpoints must fit the new model.
+    """
     workdir = Path(workdir)
     parallel = data_parallel()
     config_lib.validate(config, parallel.num_devices)
     data = load_data(config, parallel, ("train", "eval"))
-    checkpoint.claim_workdir(workdir, config)  # only now, when the run is known to be valid
 
     model = build_model(config)
-    key = jax.random.key(config.seed)
-    init_key, data_key = jax.random.split(key)
+    init_key, data_key = jax.random.split(jax.random.key(config.seed))
+    mngr, start, state = _restore_or_init(config, model, workdir, parallel, init_key, allow_config_change)
     train_step = make_train_step(config, model, parallel)
     eval_step = make_eval_step(model, config.eval_batch_size, parallel)
     schedule = schedules.learning_rate_schedule(config)
     writer = MetricWriter(workdir, config.tensorboard)
+    writer.drop_after(start)
     progress = Progress(config.num_train_steps)
-    mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-
-    start = mngr.latest_step()
-    if start is None:
-        init = jax.jit(lambda k: _init_state(config, model, k), out_shardings=parallel.replicated)
-        state = init(init_key)
-        start = 0
-    else:
-        state = checkpoint.restore(mngr, start, abstract_train_state(config, model, parallel.replicated))
-        writer.drop_after(start)
     if progress.enabled:
         image_shape = (1, *IMAGE_SHAPES[config.dataset.name])
         print(
@@ -227,48 +280,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     last_eval: dict[str, float] = {}
     step, pending = start, []
     interval_start, timed_steps = None, 0
-    while step < config.num_train_steps:
-        state, metrics = train_step(state, data["train"], data_key)
-        step += config.steps_per_dispatch
-        pending.append(metrics)
-        if interval_start is None:
-            # The first dispatch includes compilation: time the steps after it.
-            jax.block_until_ready(metrics)
-            interval_start = time.perf_counter()
-        else:
-            timed_steps += config.steps_per_dispatch
-        finished = step >= config.num_train_steps
-        logged = step % config.log_every_steps == 0 or finished
-        if logged:
-            sums = jax.device_get(pending)  # waits for the steps, so the clock below is right
-            elapsed = time.perf_counter() - interval_start
-            num_steps = len(pending) * config.steps_per_dispatch
-            values = {
-                "train_loss": sum(m["loss"].item() for m in sums) / num_steps,
-                "train_error": sum(m["errors"].item() for m in sums) / (num_steps * config.batch_size),
-                "learning_rate": float(schedule(step - 1)),
-            }
-            if timed_steps:
-                values["images_per_sec"] = timed_steps * config.batch_size / elapsed
-            writer.write(step, values)
-            progress.report(step, values, elapsed / timed_steps if timed_steps else None)
-            pending = []
-        evaluated = step % config.eval_every_steps == 0 or finished
-        if evaluated:
-            last_eval = run_eval()
-            writer.write(step, last_eval)
-            progress.report(step, last_eval)
-        if step % config.checkpoint_every_steps == 0 or finished:
-            checkpoint.save(mngr, step, state, last_eval if evaluated else None)
-        if logged:  # evaluation and saving stay out of the next interval's throughput
-            interval_start, timed_steps = time.perf_counter(), 0
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    with mngr, writer, PreemptionWatcher() as preemption:
+        while step < config.num_train_steps:
+            state, metrics = train_step(state, data["train"], data_key)
+            step += config.steps_per_dispatch
+            pending.append(metrics)
+            if interval_start is None:
+                # The first dispatch includes compilation: time the steps after it.
+                jax.block_until_ready(metrics)
+                interval_start = time.perf_counter()
+            else:
+                timed_steps += config.steps_per_dispatch
+            finished = step >= config.num_train_steps
+            preempted = preemption.reached(step, mngr)
+            logged = step % config.log_every_steps == 0 or finished or preempted
+            saving = step % config.checkpoint_every_steps == 0 or finished or preempted
+            if logged or saving:
+                fetched = jax.device_get(pending)  # waits for the steps: the clock below is right
+                _check_finite(fetched)
+            if logged:
+                elapsed = time.perf_counter() - interval_start
+                num_steps = len(pending) * config.steps_per_dispatch
+                values = {
+                    "train_loss": sum(m["loss"].item() for m in fetched) / num_steps,
+                    "train_error": sum(m["errors"].item() for m in fetched) / (num_steps * config.batch_size),
+                    "learning_rate": float(schedule(step - 1)),
+                }
+                if timed_steps:
+                    values["images_per_sec"] = timed_steps * config.batch_size / elapsed
+                writer.write(step, values)
+                progress.report(step, values, elapsed / timed_steps if timed_steps else None)
+                pending = []
+            evaluated = step % config.eval_every_steps == 0 or finished
+            if evaluated:
+                last_eval = run_eval()
+                writer.write(step, last_eval)
+                progress.report(step, last_eval)
+            if saving:
+                checkpoint.save(mngr, step, state, last_eval if evaluated else None)
+            if preempted:
+                mngr.wait_until_finished()
+                print(f"preempted: saved the checkpoint of step {step}; rerun the same command to resume",
+                      flush=True)
+                return {"preempted_at_step": step}
+            if logged:  # evaluation and saving stay out of the next interval's throughput
+                interval_start, timed_steps = time.perf_counter(), 0
+        mngr.wait_until_finished()
     return last_eval or run_eval()  # nothing left to train: the restored checkpoint's numbers
 
 
 __all__ = [
-    "TrainState", "abstract_train_state", "build_model", "evaluate", "load_data",
+    "TrainState", "TrainingDiverged", "abstract_train_state", "build_model", "evaluate", "load_data",
     "make_eval_step", "make_train_step", "train_and_evaluate",
 ]

@@ -1,0 +1,348 @@
+"""Dependable runs: kills, preemption, damaged checkpoints, divergence, mismatched workdirs.
+
+The kill and SIGTERM trials run train.py as a user would, in a subprocess, on a tiny
+net and tiny data in the real Fashion-MNIST format, and compare the interrupted-and-
+resumed run with an uninterrupted one bit for bit.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import checkpoint
+from resnet_jax.train import TrainingDiverged, train_and_evaluate
+from tests.fake_data import write_mnist
+from tests.test_train import graded_images, tiny_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KILL_TRIALS = 3
+SIGTERM_TRIALS = 2
+FLAGS = [
+    "--config=configs/fashion_mnist_resnet20.py",
+    "--config.model.name=resnet8",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=64",
+    "--config.num_train_steps=40",
+    "--config.log_every_steps=2",
+    "--config.eval_every_steps=10",
+    "--config.checkpoint_every_steps=2",
+    "--config.keep_checkpoints=2",
+    "--config.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fake_fashion_mnist")
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 256), ("test", 70)):
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        write_mnist(folder, split, graded_images(rng, labels), labels, gz=False)
+    return folder
+
+
+def train_command(data_dir, workdir):
+    return [
+        sys.executable,
+        "train.py",
+        *FLAGS,
+        f"--config.dataset.data_dir={data_dir}",
+        f"--workdir={workdir}",
+    ]
+
+
+def run_train(data_dir, workdir):
+    out = subprocess.run(train_command(data_dir, workdir), cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def start_and_signal(data_dir, workdir, sig, delay):
+    """Start train.py, wait until it has trained a little, wait `delay` more, signal it."""
+    process = subprocess.Popen(
+        train_command(data_dir, workdir),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.stat().st_size) and process.poll() is None:
+        assert time.time() < deadline, "train.py made no progress"
+        time.sleep(0.05)
+    time.sleep(delay)
+    sent_at = time.time()
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, stderr, time.time() - sent_at
+
+
+def final_state(workdir):
+    config = checkpoint.read_config(workdir)
+    from resnet_jax.train import abstract_train_state, build_model
+
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        step = max(mngr.all_steps())
+        return step, checkpoint.restore(mngr, step, abstract_train_state(config, build_model(config)))
+
+
+def without_timing(workdir):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "images_per_sec"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_train(data_dir, workdir)
+    return workdir, final_state(workdir)
+
+
+def assert_same_run(workdir, reference, same_log_intervals=True):
+    reference_dir, (reference_step, reference_state) = reference
+    step, state = final_state(workdir)
+    assert step == reference_step == 40
+    # Bit-identical: params, BN statistics, optimizer state and step.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state, reference_state)
+    lines, reference_lines = without_timing(workdir), without_timing(reference_dir)
+    if not same_log_intervals:  # a preempted run logs its last, partial interval too
+        lines, reference_lines = (
+            [line for line in x if "eval_error" in line] for x in (lines, reference_lines)
+        )
+    assert lines == reference_lines
+
+
+@pytest.mark.parametrize("trial", range(KILL_TRIALS))
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(trial, data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    delay = random.Random(trial).uniform(0.0, 1.5)
+    returncode, _, _, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, delay)
+    assert returncode == -signal.SIGKILL
+    out = run_train(data_dir, workdir)
+    assert "resuming at step" in out.stdout or "from scratch" in out.stdout
+    assert_same_run(workdir, reference)
+    assert not any(".orbax-checkpoint-tmp" in p.name for p in (workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("trial", range(SIGTERM_TRIALS))
+def test_sigterm_saves_the_current_step_and_exits_cleanly(trial, data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    delay = random.Random(100 + trial).uniform(0.0, 1.0)
+    returncode, stdout, _, seconds = start_and_signal(data_dir, workdir, signal.SIGTERM, delay)
+    assert returncode == 0 and seconds < 60
+    line = next(line for line in stdout.splitlines() if line.startswith("preempted"))
+    step = int(line.split("checkpoint of step ")[1].split(";")[0])
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        assert max(mngr.all_steps()) == step
+    out = run_train(data_dir, workdir)
+    assert f"resuming at step {step}" in out.stdout
+    assert_same_run(workdir, reference, same_log_intervals=step % 2 == 0)
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_and_the_last_checkpoint_used(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    shutil.rmtree(workdir / "checkpoints" / "40")
+    leftover = workdir / "checkpoints" / "40.orbax-checkpoint-tmp-1234567890"
+    leftover.mkdir()
+    (leftover / "partial").write_bytes(b"\0" * 100)
+    out = run_train(data_dir, workdir)
+    assert "resuming at step 38" in out.stdout
+    assert not leftover.exists()
+    assert_same_run(workdir, reference)
+
+
+def array_files(step_dir):
+    return sorted(p for p in (step_dir / "default").rglob("*") if p.is_file() and "/d/" in str(p))
+
+
+def flip_a_byte(step_dir):
+    target = max(array_files(step_dir), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+def truncate(step_dir):
+    target = max(array_files(step_dir), key=lambda p: p.stat().st_size)
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+
+
+DAMAGE = {
+    "deleted file": lambda d: [p.unlink() for p in array_files(d)],
+    "truncated file": truncate,
+    "flipped byte": flip_a_byte,
+    "missing metadata": lambda d: (d / "_CHECKPOINT_METADATA").unlink(),
+    "empty step folder": lambda d: [shutil.rmtree(d), d.mkdir()],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_reported_and_the_run_falls_back(damage, data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    DAMAGE[damage](workdir / "checkpoints" / "40")
+    with pytest.raises(checkpoint.WorkdirError, match=str(workdir / "checkpoints" / "40")):
+        checkpoint.load(workdir, 40)
+    out = run_train(data_dir, workdir)
+    assert "checkpoints/40" in out.stderr and "warning" in out.stderr
+    assert "resuming at step 38" in out.stdout
+    assert (workdir / checkpoint.DAMAGED_DIR / "40").exists()  # kept for inspection
+    assert_same_run(workdir, reference)
+
+
+def test_when_every_checkpoint_is_damaged_the_run_stops(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        flip_a_byte(step_dir)
+    result = subprocess.run(train_command(data_dir, workdir), cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "every checkpoint" in result.stderr and "damaged" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_diverging_run_stops_naming_the_step_and_saves_nothing_non_finite(data_dir, tmp_path, monkeypatch):
+    from resnet_jax import schedules
+
+    paper_schedule = schedules.learning_rate_schedule
+
+    def poisoned(config):
+        schedule = paper_schedule(config)
+        return lambda step: jax.numpy.where(step >= 5, jax.numpy.nan, schedule(step))
+
+    monkeypatch.setattr(schedules, "learning_rate_schedule", poisoned)
+    config = tiny_config(data_dir, num_train_steps=12, log_every_steps=4, checkpoint_every_steps=4)
+    with pytest.raises(TrainingDiverged, match="step 6: the parameters stopped being finite"):
+        train_and_evaluate(config, tmp_path)
+    with checkpoint.manager(tmp_path, read_only=True) as mngr:
+        assert mngr.all_steps() == [4]
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_first_difference(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    command = train_command(data_dir, workdir)
+    for flags, words in [
+        ([], ["different run", "model.name: 'resnet8' != 'resnet14'", "--allow_config_change"]),
+        (
+            ["--allow_config_change"],
+            ["does not fit", "batch_stats/conv2_2/bn1/mean is absent in the checkpoint"],
+        ),
+    ]:
+        out = subprocess.run(
+            [*command, "--config.model.name=resnet14", *flags], cwd=REPO_ROOT, capture_output=True, text=True
+        )
+        assert out.returncode == 2
+        for word in words:
+            assert word in out.stderr
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_allow_config_change_continues_a_run_and_keeps_its_old_config(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    old_config = (workdir / "config.json").read_text()
+    out = subprocess.run(
+        [*train_command(data_dir, workdir), "--config.num_train_steps=44", "--allow_config_change"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming at step 40" in out.stdout
+    kept = [p for p in workdir.glob("config.*.json")]
+    assert len(kept) == 1 and kept[0].read_text() == old_config
+    assert checkpoint.read_config(workdir).num_train_steps == 44
+
+
+def test_checkpoints_without_a_config_are_not_written_to(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    (workdir / "config.json").unlink()
+    out = subprocess.run(train_command(data_dir, workdir), cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "no config.json" in out.stderr
+    assert not (workdir / "config.json").exists()
+
+
+BAD_INPUT = [
+    (["--config.learning_rate=-1"], "learning_rate"),
+    (["--config.model.name=resnet9"], "6n+2"),
+    (["--config.model.shortcut=Z"], "model.shortcut"),
+    (["--config.dataset.name=imagenet2012"], "dataset.name"),
+    (["--config.batch_size=three"], "batch_size"),
+    (["--config.num_train_steps=0"], "num_train_steps"),
+    (["--config.dataset.data_dir=/nonexistent"], "/nonexistent"),
+]
+
+
+@pytest.mark.parametrize("flags, word", BAD_INPUT)
+def test_bad_input_is_refused_before_anything_is_written(flags, word, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    out = subprocess.run(
+        [*train_command(data_dir, workdir), *flags], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and word in out.stderr and "Traceback" not in out.stderr
+    assert not workdir.exists()
+
+
+def config_file(folder, name, line):
+    path = folder / name
+    path.write_text(
+        "from resnet_jax.config import cifar_recipe\n\n\ndef get_config():\n"
+        f"    config = cifar_recipe('resnet8', 'fashion_mnist')\n    {line}\n    return config\n"
+    )
+    return path
+
+
+def test_bad_config_files_and_bad_data_are_refused(data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    images = broken / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    workdir = tmp_path / "run"
+    for args, word in [
+        (
+            [f"--config={config_file(tmp_path, 'typed.py', 'config.batch_size = str(128)')}"],
+            "typed.py' failed: TypeError: Could not override field 'batch_size'",
+        ),
+        (
+            [f"--config={config_file(tmp_path, 'typo.py', 'config.batch_szie = 64')}"],
+            "unknown config key 'batch_szie'; did you mean 'batch_size'?",
+        ),
+        (
+            [f"--config={config_file(tmp_path, 'missing.py', 'del config.seed')}"],
+            "config key 'seed' is missing",
+        ),
+        ([*FLAGS, f"--config.dataset.data_dir={broken}"], "train-images-idx3-ubyte"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "train.py", *args, f"--workdir={workdir}"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 2 and word in out.stderr, out.stderr[-2000:]
+        assert not workdir.exists()
+
+
+def test_batch_not_divisible_by_the_devices_is_refused(data_dir, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    workdir = tmp_path / "run"
+    out = subprocess.run(
+        train_command(data_dir, workdir), cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "multiple of the device count (3)" in out.stderr
+    assert not workdir.exists()
