@@ -7,18 +7,23 @@ import argparse
 import json
 import sys
 
+import jax
+
 from resnet_jax import cli
 from resnet_jax.data.sources import SPLITS
 from resnet_jax.evaluate import evaluate_workdir
 
 
 def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
+    cli.initialize_distributed(args)
     if overrides:
         raise cli.ConfigError(
             "evaluate.py takes no --config.* overrides: the run's saved config is used; "
             "flags: --workdir, --step, --split, --data_dir"
         )
-    print(json.dumps(evaluate_workdir(args.workdir, args.step, args.split, args.data_dir)))
+    result = evaluate_workdir(args.workdir, args.step, args.split, args.data_dir)
+    if jax.process_index() == 0:  # every process evaluates; one prints
+        print(json.dumps(result))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default="latest", help="latest (default), best (lowest eval error), or a number")
     p.add_argument("--split", default=None, choices=SPLITS, help="default: the run's eval split")
     p.add_argument("--data_dir", default=None, help="read the data from here instead of the saved path")
+    cli.add_distributed_flags(p)
     return p
 
 

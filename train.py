@@ -14,6 +14,7 @@ from resnet_jax.train import train_and_evaluate
 
 
 def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
+    cli.initialize_distributed(args)
     config = config_lib.load(args.config)
     config_lib.apply_overrides(config, overrides)
     train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
@@ -29,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
         "--allow_config_change", action="store_true",
         help="continue a workdir whose saved config differs (e.g. more steps); its config.json is kept",
     )
+    cli.add_distributed_flags(p)
     return p
 
 

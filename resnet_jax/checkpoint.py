@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from resnet_jax import config as config_lib
+from resnet_jax.parallel import barrier
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -205,6 +206,7 @@ def restore_latest_intact(workdir: Path, mngr: ocp.CheckpointManager, abstract_s
             if jax.process_index() == 0:
                 (workdir / DAMAGED_DIR).mkdir(exist_ok=True)
                 shutil.move(str(Path(mngr.directory) / str(step)), workdir / DAMAGED_DIR / str(step))
+            barrier(f"set aside damaged checkpoint {step}")  # no process looks before it moved
             mngr.reload()
     if steps:
         raise WorkdirError(

@@ -14,9 +14,11 @@ from typing import Any
 
 import absl.logging
 
+from resnet_jax import parallel
 from resnet_jax.checkpoint import WorkdirError
 from resnet_jax.config import ConfigError
 from resnet_jax.data.sources import DataError
+from resnet_jax.parallel import DISTRIBUTED_MODES
 from resnet_jax.train import TrainingDiverged
 
 # Problems a user can act on: reported as one paragraph, not a traceback.
@@ -40,6 +42,25 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
             value = args.pop(0)
         overrides.append((key, value))
     return rest, overrides
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several processes (hosts); see the README's pod / cluster section")
+    group.add_argument("--distributed", default="off", choices=DISTRIBUTED_MODES,
+                       help="auto: read the process layout from a TPU pod, SLURM or Kubernetes environment")
+    group.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    group.add_argument("--num_processes", type=int, default=None)
+    group.add_argument("--process_id", type=int, default=None)
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Before anything touches a device: join the other processes, if any."""
+    try:
+        parallel.initialize_distributed(
+            args.distributed, args.coordinator_address, args.num_processes, args.process_id
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],

@@ -3,6 +3,8 @@
 One 1-D mesh axis, `data`, over all devices of all processes: parameters and optimizer
 state are replicated, batches are split along it. The same jit-compiled code then
 serves one CPU, eight GPUs and a multi-host pod; XLA inserts the gradient all-reduce.
+Several processes (hosts) join through JAX's own distributed runtime, before anything
+else touches a device.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -32,6 +35,34 @@ class Parallel:
     def batch(self) -> NamedSharding:
         """Leading (batch) dimension split over the devices."""
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+
+DISTRIBUTED_MODES = ("off", "auto")
+
+
+def initialize_distributed(
+    mode: str = "off", coordinator_address: str | None = None, num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Join a multi-process run with `jax.distributed.initialize`.
+
+    With `coordinator_address` (host:port of process 0), `num_processes` and `process_id`
+    given, they are used as is; with mode "auto" and none given, JAX reads them from the
+    environment of a Cloud TPU pod, SLURM, Open MPI or a Kubernetes indexed Job. "off"
+    without an address: a single process.
+    """
+    explicit = coordinator_address is not None
+    if mode == "off" and not explicit:
+        return
+    if explicit and (num_processes is None or process_id is None):
+        raise ValueError("--coordinator_address needs --num_processes and --process_id too")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (a no-op for one), so that all see the same files next."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def data_parallel(devices: list | None = None) -> Parallel:

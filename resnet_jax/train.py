@@ -28,7 +28,7 @@ from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.sources import IMAGE_SHAPES, load_split, num_classes
 from resnet_jax.metrics import MetricWriter, Progress, classification_metrics
 from resnet_jax.models import ResNet, create_model
-from resnet_jax.parallel import Parallel, data_parallel
+from resnet_jax.parallel import Parallel, barrier, data_parallel
 from resnet_jax.preemption import PreemptionWatcher
 
 
@@ -220,6 +220,8 @@ def _restore_or_init(config, model, workdir: Path, parallel: Parallel, init_key,
     Everything that could refuse the workdir runs before anything is written to it.
     """
     abstract_state = abstract_train_state(config, model, parallel.replicated)
+    # Every process must see the workdir as it was before any of them writes to it.
+    barrier("workdir checks begin")
     checkpoint.check_workdir(workdir, config, allow_config_change)
     if (workdir / checkpoint.CHECKPOINT_DIR).exists():
         with checkpoint.manager(workdir, read_only=True) as reader:
@@ -228,6 +230,7 @@ def _restore_or_init(config, model, workdir: Path, parallel: Parallel, init_key,
                     checkpoint.check_compatible(reader, step, abstract_state)
                 except checkpoint.DamagedCheckpoint:
                     pass  # set aside below, when resuming; only a misfit must stop us here
+    barrier("workdir checks end")
     checkpoint.write_config(workdir, config)
     mngr = checkpoint.manager(workdir, config.keep_checkpoints)
     start, state = checkpoint.restore_latest_intact(workdir, mngr, abstract_state)

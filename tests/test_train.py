@@ -163,7 +163,8 @@ DEVICE_RUN = """
 import json, sys
 from resnet_jax.train import train_and_evaluate
 from tests.test_train import tiny_config
-result = train_and_evaluate(tiny_config(sys.argv[1], num_train_steps=8, eval_every_steps=8), sys.argv[2])
+config = tiny_config(sys.argv[1], num_train_steps=8, eval_every_steps=8, log_every_steps=1)
+result = train_and_evaluate(config, sys.argv[2])
 print(json.dumps(result))
 """
 
@@ -188,8 +189,15 @@ def test_one_and_eight_devices_train_alike(data_dir, tmp_path):
     losses = [
         [line["train_loss"] for line in lines if "train_loss" in line] for lines in (one_lines, eight_lines)
     ]
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
-    assert eight["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+    # The first steps agree to float32 rounding: the sharded forward pass, the gradient
+    # all-reduce and the update are the same computation. Each update sums the gradient in
+    # another order (per device, then across), and on this tiny batch a few last-bit
+    # differences later flip a ReLU or two and grow (seen: up to 1.5e-3 by step 7, with
+    # XLA's convolutions as with the CPU fast path), so the whole run is held to 5e-3.
+    assert len(losses[0]) == 8
+    np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-5)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=5e-3)
+    assert eight["eval_loss"] == pytest.approx(one["eval_loss"], rel=5e-3)
 
 
 def test_bn_groups_normalise_each_group_on_its_own():

@@ -1,0 +1,90 @@
+"""Several processes through jax.distributed: 2 processes with 2 CPU devices each train
+like 1 process with 4, and their checkpoint evaluates in a single process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resnet_jax.evaluate import evaluate_workdir
+from tests.fake_data import write_mnist
+from tests.test_train import graded_images
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FLAGS = [
+    "--config=configs/fashion_mnist_resnet20.py", "--config.model.name=resnet8",
+    "--config.batch_size=32", "--config.eval_batch_size=64", "--config.num_train_steps=12",
+    "--config.log_every_steps=4", "--config.eval_every_steps=6", "--config.checkpoint_every_steps=6",
+    "--config.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fake_fashion_mnist")
+    rng = np.random.default_rng(2)
+    for split, count in (("train", 256), ("test", 70)):
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        write_mnist(folder, split, graded_images(rng, labels), labels, gz=True)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, devices, **kwargs):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def lines(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_evaluates_in_one(data_dir, tmp_path):
+    common = ["train.py", *FLAGS, f"--config.dataset.data_dir={data_dir}"]
+    single = tmp_path / "single"
+    finish(launch([*common, f"--workdir={single}"], devices=4))
+
+    multi = tmp_path / "multi"
+    address = f"127.0.0.1:{free_port()}"
+    processes = [
+        launch([*common, f"--workdir={multi}", f"--coordinator_address={address}", "--num_processes=2",
+                f"--process_id={i}"], devices=2)
+        for i in range(2)
+    ]
+    outputs = [finish(p) for p in processes]
+    assert "4 device(s)" in outputs[0] and "step 12/12" in outputs[0]
+    # Quiet on every process but the first (gloo's own connection notes aside).
+    assert [line for line in outputs[1].splitlines() if not line.startswith("[Gloo]")] == []
+
+    single_lines, multi_lines = lines(single), lines(multi)
+    assert [line["step"] for line in multi_lines] == [line["step"] for line in single_lines]
+    for a, b in zip(single_lines, multi_lines, strict=True):
+        for key in ("train_loss", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+        for key in ("train_error", "eval_error", "eval_top5_error"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=0.02), (a["step"], key)
+
+    final_eval = [line for line in multi_lines if "eval_error" in line][-1]
+    result = evaluate_workdir(multi)  # here: one process, one device
+    assert result["step"] == 12 and result["num_examples"] == 70
+    assert result["error"] == pytest.approx(final_eval["eval_error"], abs=0.02)
+    assert result["loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-4)
