@@ -2,7 +2,7 @@
 
 ResNet-8 with the paper's recipe scaled to 300 iterations of batch 128 (0.64 epoch;
 learning rate divided by 10 at 150 and 225) reached 22.7% test error on the project's
-2-core CPU in about 9 minutes; the bound leaves room for other machines' arithmetic.
+2-core CPU, in a few minutes; the bound leaves room for other machines' arithmetic.
 """
 
 import json
