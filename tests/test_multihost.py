@@ -8,12 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from resnet_jax.evaluate import evaluate_workdir
-from tests.fake_data import write_mnist
-from tests.test_train import graded_images
+from tests.fake_data import write_graded_fashion_mnist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [
@@ -26,12 +24,7 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fake_fashion_mnist")
-    rng = np.random.default_rng(2)
-    for split, count in (("train", 256), ("test", 70)):
-        labels = rng.integers(0, 10, count).astype(np.uint8)
-        write_mnist(folder, split, graded_images(rng, labels), labels, gz=True)
-    return folder
+    return write_graded_fashion_mnist(tmp_path_factory.mktemp("fake_fashion_mnist"), 2, 256, 70, gz=True)
 
 
 def free_port() -> int:

@@ -21,8 +21,8 @@ import pytest
 
 from resnet_jax import checkpoint
 from resnet_jax.train import TrainingDiverged, train_and_evaluate
-from tests.fake_data import write_mnist
-from tests.test_train import graded_images, tiny_config
+from tests.fake_data import write_graded_fashion_mnist
+from tests.test_train import tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KILL_TRIALS = 3
@@ -43,12 +43,7 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fake_fashion_mnist")
-    rng = np.random.default_rng(1)
-    for split, count in (("train", 256), ("test", 70)):
-        labels = rng.integers(0, 10, count).astype(np.uint8)
-        write_mnist(folder, split, graded_images(rng, labels), labels, gz=False)
-    return folder
+    return write_graded_fashion_mnist(tmp_path_factory.mktemp("fake_fashion_mnist"), 1, 256, 70, gz=False)
 
 
 def train_command(data_dir, workdir):

@@ -16,26 +16,15 @@ from resnet_jax import checkpoint
 from resnet_jax.config import cifar_recipe
 from resnet_jax.evaluate import evaluate_workdir
 from resnet_jax.train import train_and_evaluate
-from tests.fake_data import write_mnist
+from tests.fake_data import write_graded_fashion_mnist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def graded_images(rng, labels, side=12):
-    """Noise over a brightness that grows with the label (classes do not overlap): learnable
-    in a few steps."""
-    noise = rng.integers(0, 20, (len(labels), side, side))
-    return (noise + 25 * labels[:, None, None]).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fake_fashion_mnist")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 512), ("test", 100)):  # 100: the last eval batch is padded
-        labels = rng.integers(0, 10, count).astype(np.uint8)
-        write_mnist(folder, split, graded_images(rng, labels), labels, gz=True)
-    return folder
+    # 100 test examples: the last eval batch (of 64) is padded.
+    return write_graded_fashion_mnist(tmp_path_factory.mktemp("fake_fashion_mnist"), 0, 512, 100, gz=True)
 
 
 def tiny_config(data_dir, **changes):
