@@ -27,8 +27,8 @@ def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest",
         config.dataset.data_dir = data_dir
     parallel = data_parallel()
     data = load_data(config, parallel, ("eval",))["eval"]
-    model, variables, _ = checkpoint.load(workdir, step)
-    step_number = checkpoint_step(workdir, step)
+    step_number = checkpoint_step(workdir, step)  # once: "latest" must not move in between
+    model, variables, _ = checkpoint.load(workdir, step_number)
     eval_step = make_eval_step(model, config.eval_batch_size, parallel)
     result = evaluate(eval_step, variables, data, config.eval_batch_size)
     return {"step": step_number, **result}
