@@ -22,6 +22,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resnet_jax.fast_conv import CONV_PATHS, conv_general_dilated_for
+
 __all__ = [
     "BasicBlock",
     "BottleneckBlock",
@@ -67,6 +69,7 @@ class _Block(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    conv_path: str = "auto"  # ResNet.conv (here `conv` names the method below)
 
     expansion = 1
 
@@ -74,6 +77,7 @@ class _Block(nn.Module):
         return nn.Conv(
             features, (kernel, kernel), (strides, strides), padding=_pad(kernel),
             use_bias=False, kernel_init=he_normal, dtype=self.dtype, name=name,
+            conv_general_dilated=conv_general_dilated_for(self.conv_path),
         )
 
     def norm(self, train: bool, name: str, zero_scale: bool = False) -> nn.BatchNorm:
@@ -161,9 +165,11 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    conv: str = "auto"  # how convolutions and their gradients are computed: fast_conv.CONV_PATHS
 
     def __post_init__(self):
         _check_choice("block", self.block, tuple(BLOCKS))
+        _check_choice("conv", self.conv, CONV_PATHS)
         _check_choice("stem", self.stem, STEMS)
         _check_choice("shortcut", self.shortcut, SHORTCUTS)
         if len(self.widths) != len(self.stage_sizes):
@@ -188,6 +194,7 @@ class ResNet(nn.Module):
             (1, 1) if self.stem == "cifar" else (2, 2),
             padding=_pad(3 if self.stem == "cifar" else 7),
             use_bias=False, kernel_init=he_normal, dtype=self.dtype, name="conv1",
+            conv_general_dilated=conv_general_dilated_for(self.conv),
         )
         x = conv(x)
         x = nn.BatchNorm(
@@ -212,6 +219,7 @@ class ResNet(nn.Module):
                     bn_momentum=self.bn_momentum,
                     bn_epsilon=self.bn_epsilon,
                     dtype=self.dtype,
+                    conv_path=self.conv,
                     name=f"conv{i + 2}_{j + 1}",
                 )(x, train)
             stages[f"conv{i + 2}_x"] = x
@@ -293,7 +301,8 @@ def create_model(name: str, **overrides: Any) -> ResNet:
     """Build a named model, e.g. `create_model("resnet50", num_classes=1000, dtype=jnp.bfloat16)`.
 
     Overrides are any `ResNet` field: `num_classes`, `dtype`, `shortcut` ("A", "B", "C"),
-    `stride_in_1x1` (v1 bottlenecks), `zero_init_residual`, `bn_momentum`, `bn_epsilon`.
+    `stride_in_1x1` (v1 bottlenecks), `zero_init_residual`, `bn_momentum`, `bn_epsilon`,
+    `conv` ("auto", "xla", "shifted": how convolution gradients are computed; see fast_conv).
     Plain nets have no shortcut, so a `shortcut` override is refused for them.
     """
     spec = model_spec(name)

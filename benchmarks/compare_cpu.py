@@ -1,0 +1,67 @@
+"""JAX (each convolution path) against the PyTorch reference, on the same CPU, back to back.
+
+    python benchmarks/compare_cpu.py [--model=resnet20] [--batch_size=128] [--steps=10] \
+        [--convs=xla,auto] [--rounds=1] [--threads=2]
+
+Runs `train_throughput.py` once per path and `torch_resnet20.py`, each in its own process,
+one after the other, `rounds` times (interleaved, so that a change in the machine's load
+hits every variant alike), and prints every JSON line, then one summary line: each
+variant's median images/s over the rounds and its ratio to PyTorch's. The JAX processes
+see every core and the reference `--threads` of them; on a machine shared with other jobs
+compare only numbers from one run of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_json(command: list[str]) -> dict:
+    """The last line of a benchmark's output, parsed."""
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+    line = result.stdout.strip().splitlines()[-1]
+    print(line, flush=True)
+    return json.loads(line)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20", help="a CIFAR ResNet (resnetD, D = 6n+2)")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--convs", default="xla,auto", help="comma-separated convolution paths to time")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="PyTorch's threads")
+    args = p.parse_args()
+    depth = int(args.model.removeprefix("resnet"))
+    common = [f"--batch_size={args.batch_size}", f"--steps={args.steps}"]
+    variants = {
+        f"jax_{conv}": [sys.executable, str(HERE / "train_throughput.py"), f"--model={args.model}",
+                        f"--conv={conv}", *common]
+        for conv in args.convs.split(",")
+    }
+    variants["torch"] = [sys.executable, str(HERE / "torch_resnet20.py"), f"--depth={depth}",
+                         f"--threads={args.threads}", *common]
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, command in variants.items():
+            rates[name].append(run_json(command)["images_per_sec"])
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(json.dumps(dict(
+        images_per_sec=medians,
+        ratio_to_torch={name: rate / medians["torch"] for name, rate in medians.items()},
+        model=args.model, batch_size=args.batch_size, steps=args.steps, rounds=args.rounds,
+    )), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The benchmark scripts run as documented and print one sane JSON line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import resnet_jax as rj
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def last_json_line(script: str, *args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_train_throughput_times_the_training_step():
+    line = last_json_line(
+        "train_throughput.py", "--model=resnet8", "--batch_size=8", "--steps=2", "--image_size=16",
+        "--steps_per_dispatch=2",
+    )
+    for key in ("images_per_sec", "step_ms", "compile_s", "achieved_flops_per_sec"):
+        assert line[key] > 0, key
+    assert line["images_per_sec"] == pytest.approx(8 / (line["step_ms"] / 1e3))
+    assert line["macs_per_image"] == rj.count_macs(rj.create_model("resnet8"), (1, 16, 16, 3))
+    assert line["peak_memory_bytes"] is None or line["peak_memory_bytes"] > 0
+    flops = 6 * line["macs_per_image"] * line["images_per_sec"]  # the documented convention
+    assert line["achieved_flops_per_sec"] == pytest.approx(flops)
+    assert isinstance(line["device"], str) and line["jax_version"]
+    assert (line["model"], line["batch_size"], line["steps"], line["image_size"], line["conv"]) == (
+        "resnet8", 8, 2, 16, "auto"
+    )
+
+
+@pytest.mark.torch
+def test_torch_reference_times_the_same_network():
+    pytest.importorskip("torch")
+    line = last_json_line("torch_resnet20.py", "--depth=8", "--batch_size=8", "--steps=2", "--image_size=16")
+    for key in ("images_per_sec", "step_ms", "warmup_s", "achieved_flops_per_sec"):
+        assert line[key] > 0, key
+    assert line["macs_per_image"] == rj.count_macs(rj.create_model("resnet8"), (1, 16, 16, 3))
+    assert (line["depth"], line["threads"]) == (8, 2)

@@ -1,0 +1,112 @@
+"""The fast convolution paths compute what XLA's own convolution and its gradients compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import resnet_jax as rj
+from resnet_jax import config as config_lib
+from resnet_jax import fast_conv
+from resnet_jax.data import memory
+from resnet_jax.data.sources import Split
+from resnet_jax.parallel import data_parallel
+from resnet_jax.train import _init_state, make_train_step
+
+# What nn.Conv passes for NHWC inputs and HWIO kernels.
+NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+RTOL = 1e-5
+
+# (batch, height, width, in channels, out channels, kernel, stride, padding)
+SHAPES = [
+    (2, 8, 8, 3, 4, 3, 1, ((1, 1), (1, 1))),  # the CIFAR stem: 3 input channels
+    (2, 9, 7, 1, 5, 3, 2, ((1, 1), (1, 1))),  # one input channel, odd sizes, stride 2
+    (2, 8, 8, 4, 8, 3, 2, ((1, 1), (1, 1))),  # a downsampling 3x3
+    (2, 8, 8, 4, 6, 1, 2, ((0, 0), (0, 0))),  # a projection shortcut
+    (2, 6, 6, 4, 6, 1, 1, ((0, 0), (0, 0))),  # a bottleneck's 1x1
+    (1, 13, 13, 3, 4, 7, 2, ((3, 3), (3, 3))),  # the ImageNet stem
+    (2, 10, 10, 3, 4, 3, 2, "SAME"),  # XLA's asymmetric padding
+    (2, 10, 10, 3, 4, 3, 1, "VALID"),
+    (11, 5, 5, 3, 4, 3, 1, ((1, 1), (1, 1))),  # a batch of one full chunk and a partial one
+]
+
+
+def close(actual, expected):
+    """Equal up to float32 rounding, relative to the scale of `expected`."""
+    scale = float(jnp.max(jnp.abs(expected)))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=RTOL * scale)
+
+
+@pytest.mark.parametrize("path", ["auto", "shifted"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + f"-{s[7]}"[:6])
+def test_forward_and_both_gradients_equal_xla(path, shape):
+    batch, height, width, c_in, c_out, kernel, stride, padding = shape
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (batch, height, width, c_in))
+    w = jax.random.normal(keys[1], (kernel, kernel, c_in, c_out))
+
+    def conv_with(fn):
+        return lambda x, w: fn(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+
+    expected, xla_vjp = jax.vjp(conv_with(lax.conv_general_dilated), x, w)
+    actual, fast_vjp = jax.vjp(jax.jit(conv_with(fast_conv.conv_general_dilated_for(path))), x, w)
+    grad_out = jax.random.normal(keys[2], expected.shape)
+    close(actual, expected)
+    for fast, xla in zip(fast_vjp(grad_out), xla_vjp(grad_out), strict=True):
+        assert fast.shape == xla.shape
+        close(fast, xla)
+
+
+def test_auto_is_xla_off_the_cpu(monkeypatch):
+    assert fast_conv.conv_general_dilated_for("xla") is lax.conv_general_dilated
+    assert fast_conv.conv_general_dilated_for("auto") is not lax.conv_general_dilated  # the tests run on CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert fast_conv.conv_general_dilated_for("auto") is lax.conv_general_dilated
+    assert fast_conv.conv_general_dilated_for("shifted") is not lax.conv_general_dilated
+
+
+def test_unknown_path_is_refused_with_the_accepted_ones():
+    with pytest.raises(ValueError, match="'auto', 'xla', 'shifted'"):
+        rj.create_model("resnet8", conv="fast")
+
+
+def test_parameter_trees_are_identical_on_every_path():
+    """Same names, shapes and initial values: checkpoints and torchvision weights fit every path."""
+    x = jnp.zeros((1, 32, 32, 3))
+    for name in ("resnet8", "resnet18"):  # option A; the 7x7 stem and 1x1 projections
+        trees = [jax.eval_shape(rj.create_model(name, conv=path).init, jax.random.key(0), x)
+                 for path in fast_conv.CONV_PATHS]
+        assert all(tree == trees[0] for tree in trees)
+    values = {path: jax.jit(rj.create_model("resnet8", conv=path).init)(jax.random.key(0), x)
+              for path in ("auto", "xla")}  # "shifted" builds its layers as "auto" does
+    jax.tree_util.tree_map(np.testing.assert_array_equal, values["auto"], values["xla"])
+
+
+def random_device_data(parallel, num_examples: int = 16, size: int = 16) -> memory.DeviceData:
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (num_examples, size, size, 3), dtype=np.uint8),
+                  rng.integers(0, 10, num_examples).astype(np.int32), 10)
+    mean = split.images.mean(axis=0).astype(np.float32) / 255
+    return memory.put_on_devices(split, mean, np.ones(3, np.float32), parallel.replicated)
+
+
+def one_train_step(conv: str):
+    """One step of the project's training step (data on the device), ResNet-8."""
+    config = config_lib.cifar_recipe("resnet8")
+    config.batch_size = 8
+    parallel = data_parallel()
+    model = rj.create_model("resnet8", conv=conv)
+    state = _init_state(config, model, jax.random.key(0))
+    return make_train_step(config, model, parallel)(state, random_device_data(parallel), jax.random.key(1))
+
+
+def test_a_resnet8_training_step_is_the_same_on_every_path():
+    """Through the whole network (stem, stride-2 blocks, BN, option A). After one step
+    SGD's momentum trace is the gradient (plus the same weight decay): compare it leaf by leaf."""
+    expected_state, expected_metrics = one_train_step("xla")
+    for path in ("auto", "shifted"):
+        state, metrics = one_train_step(path)
+        close(metrics["loss"], expected_metrics["loss"])
+        jax.tree_util.tree_map(close, state.opt_state, expected_state.opt_state)
+        jax.tree_util.tree_map(close, state.params, expected_state.params)
