@@ -1,8 +1,8 @@
 # The two commands of the README's quick start, and the pieces they share.
 #   make train   set up .venv and train the paper's CIFAR-10 ResNet-20 (runs/cifar10_resnet20)
 #   make test    set up .venv and run the tests
-# REQUIRE=torch,tfds,fashion_mnist makes those optional test groups install (torch, tfds)
-# and fail rather than skip when they cannot run; CI passes all three.
+# REQUIRE=torch,tfds,grain,fashion_mnist makes those optional test groups install (torch,
+# tfds, grain) and fail rather than skip when they cannot run; CI passes all four.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,6 +36,7 @@ summary: setup
 test: setup
 	$(if $(findstring torch,$(REQUIRE)),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
 	$(if $(findstring tfds,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[tfds]")
+	$(if $(findstring grain,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[stream]")
 	$(BIN)/python -m pytest --require=$(REQUIRE)
 
 lint: setup

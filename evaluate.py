@@ -1,6 +1,7 @@
 """Evaluate a checkpoint of a run trained by train.py; prints one JSON line.
 
 python evaluate.py --workdir=runs/r20 [--step=latest|best|N] [--split=test]
+python evaluate.py --workdir=runs/imagenet_resnet50 --mode=center|ten_crop|multi_scale
 """
 
 import argparse
@@ -9,7 +10,8 @@ import sys
 
 import jax
 
-from resnet_jax import cli
+from resnet_jax import cli, scoring
+from resnet_jax.data.image_records import STREAM_SPLITS
 from resnet_jax.data.sources import SPLITS
 from resnet_jax.evaluate import evaluate_workdir
 
@@ -19,9 +21,9 @@ def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
     if overrides:
         raise cli.ConfigError(
             "evaluate.py takes no --config.* overrides: the run's saved config is used; "
-            "flags: --workdir, --step, --split, --data_dir"
+            "flags: --workdir, --step, --split, --data_dir, --mode"
         )
-    result = evaluate_workdir(args.workdir, args.step, args.split, args.data_dir)
+    result = evaluate_workdir(args.workdir, args.step, args.split, args.data_dir, args.mode)
     if jax.process_index() == 0:  # every process evaluates; one prints
         print(json.dumps(result))
 
@@ -30,8 +32,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py")
     p.add_argument("--step", default="latest", help="latest (default), best (lowest eval error), or a number")
-    p.add_argument("--split", default=None, choices=SPLITS, help="default: the run's eval split")
+    p.add_argument("--split", default=None, choices=sorted(set(SPLITS + STREAM_SPLITS)),
+                   help="default: the run's eval split")
     p.add_argument("--data_dir", default=None, help="read the data from here instead of the saved path")
+    p.add_argument("--mode", default="center", choices=scoring.MODES,
+                   help="center crop (default); ten_crop or multi_scale: the paper's testing, "
+                        "for streamed datasets (image_folder, imagenet2012, imagenette)")
     cli.add_distributed_flags(p)
     return p
 

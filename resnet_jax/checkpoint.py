@@ -47,6 +47,14 @@ def _record(config: ml_collections.ConfigDict) -> dict:
     return {"fingerprint": config_lib.fingerprint(config), "config": config_lib.to_dict(config)}
 
 
+def _saved_fingerprint(saved: dict) -> str | None:
+    """The fingerprint of a saved run, recomputed from its config with today's schema (keys
+    added since it was written take their defaults, so the same run still matches)."""
+    if not isinstance(saved.get("config"), dict):
+        return saved.get("fingerprint")
+    return config_lib.fingerprint(config_lib.from_dict(saved["config"]))
+
+
 def check_workdir(workdir: Path, config: ml_collections.ConfigDict, allow_config_change: bool) -> None:
     """Refuse, changing nothing, a workdir that holds a different run.
 
@@ -58,7 +66,7 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, allow_config
     path = workdir / CONFIG_FILE
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("fingerprint") != config_lib.fingerprint(config) and not allow_config_change:
+        if _saved_fingerprint(saved) != config_lib.fingerprint(config) and not allow_config_change:
             diffs = config_lib.differences(config_lib.from_dict(saved["config"]), config)
             raise WorkdirError(
                 f"{workdir} holds a different run (saved config vs this one: {'; '.join(diffs)}). "
@@ -83,7 +91,9 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == record["fingerprint"]:
             return
-        path.rename(workdir / f"config.{saved.get('fingerprint', 'unknown')}.json")
+        # The same run saved before keys were added is rewritten with them, not set aside.
+        if _saved_fingerprint(saved) != record["fingerprint"]:
+            path.rename(workdir / f"config.{saved.get('fingerprint', 'unknown')}.json")
     partial = path.with_suffix(".json.tmp")  # a kill mid-write must not leave half a file
     partial.write_text(json.dumps(record, indent=2) + "\n")
     partial.replace(path)

@@ -19,21 +19,28 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax.data.sources import DATASETS, SPLITS
+from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS, STREAMED_NUM_CLASSES
+from resnet_jax.data.sources import DATASETS, SPLITS, num_classes
 from resnet_jax.models import SHORTCUTS, model_spec
 from resnet_jax.schedules import SCHEDULES, WARMUPS, WEIGHT_DECAY_ON
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 # The paper's CIFAR schedule (Sec. 4.2), whose boundaries the fractions below come from.
 PAPER_CIFAR_STEPS = 64_000
-AUGMENTATIONS = ("pad_crop_flip", "none")
+# The paper's ImageNet schedule (Sec. 3.4): 60e4 iterations of 256 images.
+PAPER_IMAGENET_STEPS = 600_000
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+# Small datasets are augmented on the device, streamed ones on the host: each has its own.
+IN_MEMORY_AUGMENTATIONS = ("pad_crop_flip", "none")
+STREAMED_AUGMENTATIONS = ("scale_crop_flip", "random_resized_crop", "none")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel_mean_std")
 DTYPES = ("float32", "bfloat16", "float16")
 # Keys that change how a run is logged or saved, not what it computes: a resumed run may
 # change them without being "a different run".
 LOGISTICS_KEYS = (
     "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints",
-    "tensorboard", "dataset.data_dir", "eval_batch_size",
+    "tensorboard", "dataset.data_dir", "eval_batch_size", "dataset.num_workers",
+    "dataset.prefetch_batches",
 )
 
 
@@ -41,26 +48,38 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key, the value and what is accepted."""
 
 
-def cifar_recipe(model: str, dataset: str = "cifar10") -> ml_collections.ConfigDict:
-    """The paper's CIFAR-10 recipe (Sec. 4.2) for `model`, on `dataset`.
+def base_config(model: str = "resnet20", dataset: str = "cifar10") -> ml_collections.ConfigDict:
+    """Every key a config has, with its default: the schema every config is checked against,
+    and what a `config.json` written before a key existed is read back with.
 
-    Batch 128, SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 divided by 10 at
-    32k and 48k iterations, 64k iterations, pad-4 random crop and flip, per-pixel mean
-    subtraction; ResNet-110 and deeper warm up at 0.01 for the first 400 iterations.
+    The defaults are the paper's CIFAR recipe (Sec. 4.2), and for the keys only streamed
+    datasets read (image sizes, scale augmentation, evaluation crops) the paper's ImageNet
+    sizes (Sec. 3.4); lighting is off.
     """
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
         dict(name=model, shortcut="", stride_in_1x1=False, zero_init_residual=False, dtype="float32")
     )
-    data_dir = ""
-    if dataset == "fashion_mnist" and os.path.isdir(FASHION_MNIST_DEBIAN_DIR):
-        data_dir = FASHION_MNIST_DEBIAN_DIR  # Debian's dataset-fashion-mnist: no download
     config.dataset = ml_collections.ConfigDict(
         dict(
-            name=dataset, data_dir=data_dir,
+            name=dataset, data_dir="",
             # "holdout_train" / "holdout_validation" give the paper's 45k/5k split.
             train_split="train", eval_split="test",
             augment="pad_crop_flip", crop_padding=4, normalization="per_pixel_mean",
+            # 0: the dataset's own class count (for image_folder: its class folders).
+            num_classes=0,
+            # Streamed datasets only: the side of training crops and of center crops; the
+            # shorter side's range for "scale_crop_flip"; the area fraction and aspect
+            # ratio ranges of "random_resized_crop"; AlexNet PCA lighting's std (0: off);
+            # evaluation's resize before center and ten crops; multi-scale's shorter sides.
+            image_size=224, scale_range=(256, 480), area_range=(0.08, 1.0),
+            aspect_ratio_range=(3 / 4, 4 / 3), lighting_std=0.0, eval_resize=256,
+            multi_scale_sizes=(224, 256, 384, 480, 640),
+            # An unreadable image: an error naming it (False), or skipped and counted (True).
+            skip_unreadable=False,
+            # Decoding processes per host (-1: one per CPU core, 0: in the main process)
+            # and batches kept in flight on the devices.
+            num_workers=-1, prefetch_batches=2,
         )
     )
     config.batch_size = 128
@@ -70,10 +89,9 @@ def cifar_recipe(model: str, dataset: str = "cifar10") -> ml_collections.ConfigD
     config.lr_schedule = "piecewise"
     config.lr_boundaries = (32_000 / PAPER_CIFAR_STEPS, 48_000 / PAPER_CIFAR_STEPS)
     config.lr_decay_factor = 0.1
-    deep = model_spec(model)["depth"] >= 110
-    config.lr_warmup = "constant" if deep else "none"
-    config.lr_warmup_fraction = 400 / PAPER_CIFAR_STEPS if deep else 0.0
-    config.lr_warmup_value = 0.01 if deep else 0.0
+    config.lr_warmup = "none"
+    config.lr_warmup_fraction = 0.0
+    config.lr_warmup_value = 0.0
     config.momentum = 0.9
     config.nesterov = False
     config.weight_decay = 1e-4
@@ -89,6 +107,76 @@ def cifar_recipe(model: str, dataset: str = "cifar10") -> ml_collections.ConfigD
     config.keep_checkpoints = 3
     config.seed = 0
     config.tensorboard = True
+    return config
+
+
+def cifar_recipe(model: str, dataset: str = "cifar10") -> ml_collections.ConfigDict:
+    """The paper's CIFAR-10 recipe (Sec. 4.2) for `model`, on `dataset`.
+
+    Batch 128, SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 divided by 10 at
+    32k and 48k iterations, 64k iterations, pad-4 random crop and flip, per-pixel mean
+    subtraction; ResNet-110 and deeper warm up at 0.01 for the first 400 iterations.
+    """
+    config = base_config(model, dataset)
+    if dataset == "fashion_mnist" and os.path.isdir(FASHION_MNIST_DEBIAN_DIR):
+        config.dataset.data_dir = FASHION_MNIST_DEBIAN_DIR  # Debian's dataset-fashion-mnist: no download
+    if model_spec(model)["depth"] >= 110:
+        config.lr_warmup = "constant"
+        config.lr_warmup_fraction = 400 / PAPER_CIFAR_STEPS
+        config.lr_warmup_value = 0.01
+    return config
+
+
+def imagenet_recipe(model: str, dataset: str = "imagenet2012") -> ml_collections.ConfigDict:
+    """The paper's ImageNet recipe (Sec. 3.4) for `model`, on `dataset`.
+
+    Batch 256, SGD momentum 0.9, weight decay 1e-4, 60e4 iterations, learning rate 0.1
+    divided by 10 "when the error plateaus": the paper gives no iterations, its Figure 4
+    curves drop at about 15e4 and 30e4, so the boundaries are 0.25 and 0.5 of the run
+    (epochs 30 and 60 of 120, as most reproductions do). Scale augmentation (shorter side
+    in [256, 480], random 224 crop, flip), AlexNet PCA lighting with std 0.1, per-pixel
+    mean subtraction; in-training evaluation on center 224 crops of the 256-resized images.
+    """
+    config = base_config(model, dataset)
+    config.dataset.train_split = "train"
+    config.dataset.eval_split = "validation"
+    config.dataset.augment = "scale_crop_flip"
+    config.dataset.lighting_std = 0.1
+    config.batch_size = 256
+    config.eval_batch_size = 256
+    config.num_train_steps = PAPER_IMAGENET_STEPS
+    config.lr_boundaries = (150_000 / PAPER_IMAGENET_STEPS, 300_000 / PAPER_IMAGENET_STEPS)
+    config.eval_every_steps = 10_000
+    config.checkpoint_every_steps = 5_000
+    return config
+
+
+def imagenet_pod_recipe(model: str, batch_size: int, epochs: int = 90) -> ml_collections.ConfigDict:
+    """The modern large-batch ImageNet recipe (Goyal et al. 2017, and its successors).
+
+    Learning rate 0.1 x batch/256 after a 5-epoch linear warm-up from 0, cosine decay to 0,
+    label smoothing 0.1, bfloat16 computation, the last BN of each residual branch
+    initialised to zero, random-resized-crop (area 8-100%, aspect 3/4-4/3) and flip,
+    per-channel mean/std normalisation, no lighting; `epochs` over the 1,281,167 images.
+    """
+    config = imagenet_recipe(model)
+    config.model.dtype = "bfloat16"
+    config.model.zero_init_residual = True
+    config.dataset.augment = "random_resized_crop"
+    config.dataset.lighting_std = 0.0
+    config.dataset.normalization = "per_channel_mean_std"
+    steps_per_epoch = IMAGENET_TRAIN_EXAMPLES / batch_size
+    config.batch_size = batch_size
+    config.eval_batch_size = batch_size
+    config.num_train_steps = round(epochs * steps_per_epoch)
+    config.learning_rate = 0.1 * batch_size / 256
+    config.lr_schedule = "cosine"
+    config.lr_boundaries = ()
+    config.lr_warmup = "linear"
+    config.lr_warmup_fraction = 5 / epochs
+    config.label_smoothing = 0.1
+    config.eval_every_steps = round(steps_per_epoch) * 5
+    config.checkpoint_every_steps = round(steps_per_epoch)
     return config
 
 
@@ -174,7 +262,7 @@ def _nearest(key: str, keys: Iterable[str]) -> str:
 def _check_schema(config: ml_collections.ConfigDict) -> None:
     """Every key of the recipe present, no other, each with the recipe's type (ints pass
     for floats): a config file's typo or a quoted number is caught before anything runs."""
-    schema, given = flat_keys(cifar_recipe("resnet20")), flat_keys(config)
+    schema, given = flat_keys(base_config()), flat_keys(config)
     for key in sorted(set(given) - set(schema)):
         raise ConfigError(
             f"unknown config key {key!r}{_nearest(key, schema)} Keys: {', '.join(sorted(schema))}"
@@ -205,21 +293,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(not (config.model.zero_init_residual and not spec["residual"]),
              "model.zero_init_residual", True, "False for a plain net")
     _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, " or ".join(DTYPES))
-    _require(config.dataset.name in DATASETS, "dataset.name", config.dataset.name,
-             ", ".join(DATASETS))
-    for key in ("train_split", "eval_split"):
-        value = config.dataset[key]
-        _require(value in SPLITS, f"dataset.{key}", value, ", ".join(SPLITS))
-    _require(config.dataset.eval_split != "holdout_validation"
-             or config.dataset.train_split == "holdout_train", "dataset.train_split",
-             config.dataset.train_split,
-             "'holdout_train' when evaluating on 'holdout_validation' (else it trains on it)")
-    _require(config.dataset.augment in AUGMENTATIONS, "dataset.augment", config.dataset.augment,
-             ", ".join(AUGMENTATIONS))
-    _require(config.dataset.crop_padding >= 0, "dataset.crop_padding", config.dataset.crop_padding,
-             "an integer >= 0")
-    _require(config.dataset.normalization in NORMALIZATIONS, "dataset.normalization",
-             config.dataset.normalization, ", ".join(NORMALIZATIONS))
+    _check_dataset(config.dataset)
+    _require(config.dataset.name in DATASETS or config.steps_per_dispatch == 1, "steps_per_dispatch",
+             config.steps_per_dispatch, "1 for a streamed dataset (each step gets its batch from the host)")
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
         _require(value > 0 and value % num_devices == 0, key, value,
@@ -252,6 +328,64 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
              f"a divisor or multiple of the per-device batch ({per_device}), so groups align with devices")
 
 
+def _check_dataset(dataset: ml_collections.ConfigDict) -> None:
+    name = dataset.name
+    _require(name in DATASETS + STREAMED_DATASETS, "dataset.name", name,
+             ", ".join(DATASETS + STREAMED_DATASETS))
+    streamed = name in STREAMED_DATASETS
+    splits = STREAM_SPLITS if streamed else SPLITS
+    for key in ("train_split", "eval_split"):
+        _require(dataset[key] in splits, f"dataset.{key}", dataset[key], f"for {name}: {', '.join(splits)}")
+    _require(dataset.eval_split != "holdout_validation" or dataset.train_split == "holdout_train",
+             "dataset.train_split", dataset.train_split,
+             "'holdout_train' when evaluating on 'holdout_validation' (else it trains on it)")
+    augmentations = STREAMED_AUGMENTATIONS if streamed else IN_MEMORY_AUGMENTATIONS
+    _require(dataset.augment in augmentations, "dataset.augment", dataset.augment,
+             f"for {name}: {', '.join(augmentations)}")
+    _require(dataset.crop_padding >= 0, "dataset.crop_padding", dataset.crop_padding, "an integer >= 0")
+    _require(dataset.normalization in NORMALIZATIONS, "dataset.normalization", dataset.normalization,
+             ", ".join(NORMALIZATIONS))
+    known = STREAMED_NUM_CLASSES.get(name) if streamed else num_classes(name)
+    if known is None:  # image_folder: the folders decide; only a positive count can be given
+        _require(dataset.num_classes >= 0, "dataset.num_classes", dataset.num_classes,
+                 "0 (the number of class folders) or that number")
+    else:
+        _require(dataset.num_classes in (0, known), "dataset.num_classes", dataset.num_classes,
+                 f"0 or {known} for {name}")
+    _require(not (name == "image_folder" and not dataset.data_dir), "dataset.data_dir", dataset.data_dir,
+             "for image_folder, a directory holding train/<class>/* and val/<class>/* images")
+    size = dataset.image_size
+    _require(size >= 1, "dataset.image_size", size, "an integer >= 1")
+    low, high = _pair(dataset, "scale_range", int)
+    _require(size <= low <= high, "dataset.scale_range", dataset.scale_range,
+             f"(low, high) shorter sides with image_size ({size}) <= low <= high")
+    low, high = _pair(dataset, "area_range", float)
+    _require(0 < low <= high <= 1, "dataset.area_range", dataset.area_range,
+             "(low, high) fractions of the image area with 0 < low <= high <= 1")
+    low, high = _pair(dataset, "aspect_ratio_range", float)
+    _require(0 < low <= high, "dataset.aspect_ratio_range", dataset.aspect_ratio_range,
+             "(low, high) width/height ratios with 0 < low <= high")
+    _require(dataset.lighting_std >= 0, "dataset.lighting_std", dataset.lighting_std,
+             "a number >= 0 (0: no lighting augmentation)")
+    _require(dataset.eval_resize >= size, "dataset.eval_resize", dataset.eval_resize,
+             f"a shorter side >= image_size ({size})")
+    sizes = dataset.multi_scale_sizes
+    _require(len(sizes) > 0 and all(isinstance(s, int) and s >= 1 for s in sizes),
+             "dataset.multi_scale_sizes", sizes, "a non-empty tuple of shorter sides (integers >= 1)")
+    _require(dataset.num_workers >= -1, "dataset.num_workers", dataset.num_workers,
+             "-1 (one per CPU core), 0 (in the main process) or a number of processes")
+    _require(dataset.prefetch_batches >= 1, "dataset.prefetch_batches", dataset.prefetch_batches,
+             "an integer >= 1")
+
+
+def _pair(dataset: ml_collections.ConfigDict, key: str, kind: type) -> tuple:
+    value = dataset[key]
+    numbers = (int,) if kind is int else (int, float)
+    ok = len(value) == 2 and all(isinstance(v, numbers) and not isinstance(v, bool) for v in value)
+    _require(ok, f"dataset.{key}", value, f"a pair of {kind.__name__}s (low, high)")
+    return value
+
+
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json())
 
@@ -270,10 +404,20 @@ def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> l
 
 
 def from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A config read back from `config.json` (lists become the tuples they were)."""
+    """A config read back from `config.json` (lists become the tuples they were). Keys added
+    to the schema after it was written get their defaults, which are what the run used."""
     def restore(value: Any) -> Any:
         if isinstance(value, dict):
             return ml_collections.ConfigDict({k: restore(v) for k, v in value.items()})
         return tuple(value) if isinstance(value, list) else value
 
-    return restore(values)
+    config = restore(values)
+    given = flat_keys(config)
+    for key, default in flat_keys(base_config()).items():
+        if key not in given:
+            *parents, leaf = key.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = default
+    return config

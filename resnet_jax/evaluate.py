@@ -1,37 +1,59 @@
 """Evaluate a trained run: rebuild the model from the workdir's config, restore a
 checkpoint's params and batch_stats, and score a split with the training run's own
-evaluation (so the numbers equal the in-training eval of the same step exactly)."""
+evaluation (so "center" numbers equal the in-training eval of the same step exactly).
+
+Streamed datasets (image_folder, imagenet2012, imagenette) can also be scored the paper's
+other ways (`scoring.MODES`): ten crops, or fully-convolutional at several scales. The
+small in-memory datasets have images the size of the network's input, with nothing to
+crop or rescale, so only "center" (the whole image) applies to them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, scoring
 from resnet_jax.config import ConfigError
+from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS
 from resnet_jax.data.sources import SPLITS
 from resnet_jax.parallel import data_parallel
-from resnet_jax.train import evaluate, load_data, make_eval_step
+from resnet_jax.train import evaluate, open_inputs, with_dataset_classes
 
 
-def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest",
-                     split: str | None = None, data_dir: str | None = None) -> dict:
-    """{'step', 'error', 'top5_error', 'loss', 'num_examples'} of a checkpoint on a split
-    (default: the eval split the run was trained with)."""
-    if split is not None and split not in SPLITS:
-        raise ConfigError(f"--split={split!r} is not accepted; expected one of {', '.join(SPLITS)}")
+def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", split: str | None = None,
+                     data_dir: str | None = None, mode: str = "center") -> dict:
+    """{'step', 'mode', 'error', 'top5_error', 'loss', 'num_examples'} of a checkpoint on a
+    split (default: the eval split the run was trained with), scored as `mode` says."""
+    if mode not in scoring.MODES:
+        raise ConfigError(f"--mode={mode!r} is not accepted; expected one of {', '.join(scoring.MODES)}")
     workdir = Path(workdir)
     config = checkpoint.read_config(workdir)
+    streamed = config.dataset.name in STREAMED_DATASETS
+    if mode != "center" and not streamed:
+        raise ConfigError(
+            f"--mode={mode} needs a streamed dataset ({', '.join(STREAMED_DATASETS)}), whose images "
+            f"are larger than the network's input; {config.dataset.name}'s images are scored whole: "
+            "use --mode=center"
+        )
+    splits = STREAM_SPLITS if streamed else SPLITS
+    if split is not None and split not in splits:
+        raise ConfigError(
+            f"--split={split!r} is not accepted for {config.dataset.name}; "
+            f"expected one of {', '.join(splits)}"
+        )
     if split is not None:
         config.dataset.eval_split = split
     if data_dir is not None:
         config.dataset.data_dir = data_dir
     parallel = data_parallel()
-    data = load_data(config, parallel, ("eval",))["eval"]
+    inputs = open_inputs(config, parallel, ("eval",))
+    with_dataset_classes(config, inputs.num_classes)  # refuses data with other classes than the run's
     step_number = checkpoint_step(workdir, step)  # once: "latest" must not move in between
     model, variables, _ = checkpoint.load(workdir, step_number)
-    eval_step = make_eval_step(model, config.eval_batch_size, parallel)
-    result = evaluate(eval_step, variables, data, config.eval_batch_size)
-    return {"step": step_number, **result}
+    eval_step = inputs.eval_step(model, mode)
+    with inputs.eval_batches(mode) as batches:
+        result = evaluate(eval_step, variables, batches)
+    return {"step": step_number, "mode": mode, **result}
 
 
 def checkpoint_step(workdir: Path, step: str | int | None) -> int:

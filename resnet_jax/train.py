@@ -1,16 +1,21 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)` and its compiled steps.
 
 One `jax.jit`-compiled step over a 1-D `data` mesh: parameters, BN statistics and
-optimizer state replicated, the batch split over the devices, the state donated. The
-small datasets of the paper's CIFAR experiments live on the devices; each step gathers,
-normalises and augments its own batch (see `data/memory.py`), optionally several steps
-per dispatch with `lax.scan`.
+optimizer state replicated, the batch split over the devices, the state donated. Where
+the batch comes from is the only difference between the two kinds of data:
+- the small datasets of the paper's CIFAR experiments live on the devices; each step
+  gathers, normalises and augments its own batch (see `data/memory.py`), optionally
+  several steps per dispatch with `lax.scan`;
+- large datasets (ImageNet) are decoded and augmented by a host pipeline, and each step
+  receives its batch, already split over the devices (see `data/stream.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from resnet_jax import checkpoint, schedules
+from resnet_jax import checkpoint, schedules, scoring
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs, count_params
-from resnet_jax.data import memory
+from resnet_jax.data import memory, stream
 from resnet_jax.data.augment import normalization_stats
+from resnet_jax.data.image_records import STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import IMAGE_SHAPES, load_split, num_classes
 from resnet_jax.metrics import MetricWriter, Progress, classification_metrics
 from resnet_jax.models import ResNet, create_model
@@ -40,10 +46,32 @@ class TrainState:
     opt_state: Any
 
 
+def dataset_classes(config: ml_collections.ConfigDict) -> int:
+    """The number of classes of the config's dataset (image folders': set by training)."""
+    name = config.dataset.name
+    if config.dataset.num_classes:
+        return config.dataset.num_classes
+    if name in STREAMED_NUM_CLASSES:
+        return STREAMED_NUM_CLASSES[name]
+    if name in STREAMED_DATASETS:
+        raise config_lib.ConfigError(
+            f"config.dataset.num_classes = 0 for {name}: the number of class folders, which "
+            "train_and_evaluate reads from dataset.data_dir and saves in config.json"
+        )
+    return num_classes(name)
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(height, width, channels) of one training image as the network sees it."""
+    if config.dataset.name in STREAMED_DATASETS:
+        return (config.dataset.image_size, config.dataset.image_size, 3)
+    return IMAGE_SHAPES[config.dataset.name]
+
+
 def build_model(config: ml_collections.ConfigDict) -> ResNet:
     """The network a config describes, sized for its dataset's classes."""
     overrides = dict(
-        num_classes=num_classes(config.dataset.name),
+        num_classes=dataset_classes(config),
         dtype=jnp.dtype(config.model.dtype),
         zero_init_residual=config.model.zero_init_residual,
         stride_in_1x1=config.model.stride_in_1x1,
@@ -54,7 +82,7 @@ def build_model(config: ml_collections.ConfigDict) -> ResNet:
 
 
 def _init_state(config: ml_collections.ConfigDict, model: ResNet, key: jax.Array) -> TrainState:
-    image = jnp.zeros((1, *IMAGE_SHAPES[config.dataset.name]), jnp.float32)
+    image = jnp.zeros((1, *input_shape(config)), jnp.float32)
     variables = model.init(key, image, train=False)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -93,7 +121,30 @@ def _apply_train(model: ResNet, variables: dict, images: jnp.ndarray, bn_group_s
 def make_train_step(
     config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel
 ) -> Callable[[TrainState, memory.DeviceData, jax.Array], tuple[TrainState, dict]]:
-    """`step(state, data, key) -> (state, metrics)`: `steps_per_dispatch` SGD steps.
+    """`step(state, data, key) -> (state, metrics)` for a dataset on the devices: each of
+    `steps_per_dispatch` SGD steps draws its batch from `data` (see `_compile_train_step`)."""
+
+    def batch_of(data: memory.DeviceData, step: jax.Array, key: jax.Array):
+        return memory.train_batch(
+            data, step, key, config.batch_size, config.dataset.augment, config.dataset.crop_padding
+        )
+
+    return _compile_train_step(config, model, parallel, batch_of)
+
+
+def make_stream_train_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel):
+    """`step(state, batch, normalization, key) -> (state, metrics)` for a streamed dataset:
+    one SGD step on the host pipeline's batch (the key is unused: the host augmented it)."""
+    def batch_of(batch: dict, norm: stream.Normalization, step: jax.Array, key: jax.Array):
+        return stream.train_images(batch, norm)
+
+    return _compile_train_step(config, model, parallel, batch_of)
+
+
+def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel,
+                        batch_of: Callable[..., tuple[jnp.ndarray, jnp.ndarray]]):
+    """`step(state, *inputs, key) -> (state, metrics)`: `steps_per_dispatch` SGD steps, each
+    on the batch `batch_of(*inputs, step, key)` gives, as (images, labels).
 
     metrics: summed over the steps, "loss" (of the per-step mean losses) and "errors"
     (misclassified training examples), for the host to average; "finite" (loss and
@@ -101,11 +152,8 @@ def make_train_step(
     """
     tx = schedules.optimizer(config)
 
-    def one_step(state: TrainState, data: memory.DeviceData, key: jax.Array):
-        images, labels = memory.train_batch(
-            data, state.step, key, config.batch_size, config.dataset.augment,
-            config.dataset.crop_padding,
-        )
+    def one_step(state: TrainState, inputs: tuple, key: jax.Array):
+        images, labels = batch_of(*inputs, state.step, key)
         images = jax.lax.with_sharding_constraint(images, parallel.batch)
         labels = jax.lax.with_sharding_constraint(labels, parallel.batch)
 
@@ -137,15 +185,16 @@ def make_train_step(
             "step": new_state.step,
         }
 
-    def step(state: TrainState, data: memory.DeviceData, key: jax.Array):
+    def step(state: TrainState, *inputs_and_key):
+        *inputs, key = inputs_and_key
         if config.steps_per_dispatch == 1:
             # Not a one-step scan: XLA:CPU leaves the gradient convolutions inside a loop
             # body in a slow generic form (ResNet-20's step measured ~10x slower).
-            state, metrics = one_step(state, data, key)
+            state, metrics = one_step(state, inputs, key)
             per_step = jax.tree_util.tree_map(lambda value: value[None], metrics)
         else:
             state, per_step = jax.lax.scan(
-                lambda s, _: one_step(s, data, key), state, length=config.steps_per_dispatch
+                lambda s, _: one_step(s, inputs, key), state, length=config.steps_per_dispatch
             )
         finite = per_step["loss_finite"] & per_step["params_finite"]
         first_bad = jnp.argmin(finite)  # the first False, if any
@@ -161,22 +210,40 @@ def make_train_step(
 
 
 def make_eval_step(model: ResNet, batch_size: int, parallel: Parallel):
-    """`eval_step(variables, data, index) -> sums` over eval batch `index` (padding masked)."""
+    """`eval_step(variables, data, index) -> sums` over eval batch `index` of a dataset on
+    the devices (padding masked)."""
+    return _compile_eval_step(
+        model, parallel, lambda data, index: memory.eval_batch(data, index, batch_size), "center"
+    )
 
-    def eval_step(variables: dict, data: memory.DeviceData, index: jax.Array):
-        images, labels, mask = memory.eval_batch(data, index, batch_size)
-        images = jax.lax.with_sharding_constraint(images, parallel.batch)
-        logits = model.apply(variables, images, train=False)
-        return classification_metrics(logits, labels, mask)
+
+def make_stream_eval_step(model: ResNet, parallel: Parallel, mode: str = "center"):
+    """`eval_step(variables, batch, normalization) -> sums` over a streamed batch of `mode`
+    views (`scoring.MODES`), padding masked."""
+    return _compile_eval_step(model, parallel, stream.eval_views, mode)
+
+
+def _compile_eval_step(model: ResNet, parallel: Parallel, batch_of: Callable, mode: str):
+    def eval_step(variables: dict, *inputs):
+        views, labels, mask = batch_of(*inputs)
+        views = jax.tree_util.tree_map(lambda v: jax.lax.with_sharding_constraint(v, parallel.batch), views)
+        scores = scoring.class_scores(model, variables, views, mode)
+        return classification_metrics(scores, labels, mask)
 
     return jax.jit(eval_step, out_shardings=parallel.replicated)
 
 
-def evaluate(eval_step, variables: dict, data: memory.DeviceData, batch_size: int) -> dict[str, float]:
-    """Loss, top-1 and top-5 error over every example of `data`, each scored once."""
+def memory_eval_inputs(data: memory.DeviceData, batch_size: int) -> list[tuple]:
+    """The eval step's inputs for every batch of a dataset on the devices."""
+    return [(data, jnp.int32(index)) for index in range(memory.num_eval_batches(data, batch_size))]
+
+
+def evaluate(eval_step, variables: dict, batches: Iterable[tuple]) -> dict[str, float]:
+    """Loss, top-1 and top-5 error over every example of `batches` (the eval step's
+    inputs), each scored once."""
     totals = {"loss": 0.0, "errors": 0, "top5_errors": 0, "count": 0}
-    for index in range(memory.num_eval_batches(data, batch_size)):
-        sums = jax.device_get(eval_step(variables, data, jnp.int32(index)))
+    for inputs in batches:
+        sums = jax.device_get(eval_step(variables, *inputs))
         for name in totals:
             totals[name] += sums[name].item()
     count = totals["count"]
@@ -203,6 +270,76 @@ def load_data(config: ml_collections.ConfigDict, parallel: Parallel, splits: tup
             split = load_split(config.dataset.name, config.dataset.eval_split, data_dir)
         loaded[role] = memory.put_on_devices(split, mean, std, parallel.replicated)
     return loaded
+
+
+class DeviceInputs:
+    """A small dataset held on the devices: every step gets the same split to draw from."""
+
+    num_classes = None  # known from the dataset's name
+
+    def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
+        self.config, self.parallel = config, parallel
+        self.data = load_data(config, parallel, roles)
+
+    def describe(self) -> str:
+        return f"{self.data['train'].num_examples} training / {self.data['eval'].num_examples} eval examples"
+
+    def train_step(self, model: ResNet):
+        return make_train_step(self.config, model, self.parallel)
+
+    def eval_step(self, model: ResNet, mode: str):
+        return make_eval_step(model, self.config.eval_batch_size, self.parallel)
+
+    def train_batches(self, start_step: int):
+        return contextlib.nullcontext(itertools.repeat((self.data["train"],)))
+
+    def eval_batches(self, mode: str):
+        return contextlib.nullcontext(memory_eval_inputs(self.data["eval"], self.config.eval_batch_size))
+
+
+class StreamInputs:
+    """A large dataset streamed by the host pipeline: every step gets its own batch."""
+
+    def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
+        self.config, self.parallel = config, parallel
+        self.data = stream.StreamedData(config, parallel, roles)
+        self.num_classes = self.data.num_classes
+
+    def describe(self) -> str:
+        return f"{len(self.data.train)} training / {len(self.data.eval)} eval examples (streamed)"
+
+    def train_step(self, model: ResNet):
+        return make_stream_train_step(self.config, model, self.parallel)
+
+    def eval_step(self, model: ResNet, mode: str):
+        return make_stream_eval_step(model, self.parallel, mode)
+
+    def train_batches(self, start_step: int):
+        return self.data.train_batches(start_step)
+
+    def eval_batches(self, mode: str):
+        return self.data.eval_batches(mode)
+
+
+def open_inputs(config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
+    """The config's data, read or opened and checked before anything is compiled."""
+    kind = StreamInputs if config.dataset.name in STREAMED_DATASETS else DeviceInputs
+    return kind(config, parallel, roles)
+
+
+def with_dataset_classes(config: ml_collections.ConfigDict, found: int | None) -> ml_collections.ConfigDict:
+    """`config` with dataset.num_classes set to the `found` class folders of an image folder
+    (so that config.json rebuilds the model without the data); refused if it says otherwise."""
+    if found is None or config.dataset.num_classes == found:
+        return config
+    if config.dataset.num_classes:
+        raise config_lib.ConfigError(
+            f"config.dataset.num_classes = {config.dataset.num_classes}, but {config.dataset.data_dir} "
+            f"has {found} class folders; set it to 0 (the folders decide) or {found}"
+        )
+    config = config.copy_and_resolve_references()
+    config.dataset.num_classes = found
+    return config
 
 
 class TrainingDiverged(RuntimeError):
@@ -259,39 +396,39 @@ def train_and_evaluate(
     workdir = Path(workdir)
     parallel = data_parallel()
     config_lib.validate(config, parallel.num_devices)
-    data = load_data(config, parallel, ("train", "eval"))
+    inputs = open_inputs(config, parallel, ("train", "eval"))
+    config = with_dataset_classes(config, inputs.num_classes)
 
     model = build_model(config)
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     mngr, start, state = _restore_or_init(config, model, workdir, parallel, init_key, allow_config_change)
-    train_step = make_train_step(config, model, parallel)
-    eval_step = make_eval_step(model, config.eval_batch_size, parallel)
+    train_step = inputs.train_step(model)
+    eval_step = inputs.eval_step(model, "center")
     schedule = schedules.learning_rate_schedule(config)
     writer = MetricWriter(workdir, config.tensorboard)
     writer.drop_after(start)
     progress = Progress(config.num_train_steps)
     if progress.enabled:
-        image_shape = (1, *IMAGE_SHAPES[config.dataset.name])
         print(
             f"{config.model.name}: {count_params(state.params):,} parameters, "
-            f"{count_macs(model, image_shape) / 1e6:.1f}M multiply-adds per image; "
-            f"{data['train'].num_examples} training / {data['eval'].num_examples} eval examples; "
-            f"{parallel.num_devices} device(s); "
+            f"{count_macs(model, (1, *input_shape(config))) / 1e6:.1f}M multiply-adds per image; "
+            f"{inputs.describe()}; {parallel.num_devices} device(s); "
             + (f"resuming at step {start}" if start else "from scratch"),
             flush=True,
         )
 
     def run_eval() -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        result = evaluate(eval_step, variables, data["eval"], config.eval_batch_size)
+        with inputs.eval_batches("center") as batches:
+            result = evaluate(eval_step, variables, batches)
         return {f"eval_{k}": result[k] for k in ("loss", "error", "top5_error")}
 
     last_eval: dict[str, float] = {}
     step, pending = start, []
     interval_start, timed_steps = None, 0
-    with mngr, writer, PreemptionWatcher() as preemption:
+    with mngr, writer, PreemptionWatcher() as preemption, inputs.train_batches(start) as train_batches:
         while step < config.num_train_steps:
-            state, metrics = train_step(state, data["train"], data_key)
+            state, metrics = train_step(state, *next(train_batches), data_key)
             step += config.steps_per_dispatch
             pending.append(metrics)
             if interval_start is None:
@@ -339,6 +476,8 @@ def train_and_evaluate(
 
 
 __all__ = [
-    "TrainState", "TrainingDiverged", "abstract_train_state", "build_model", "evaluate", "load_data",
-    "make_eval_step", "make_train_step", "train_and_evaluate",
+    "DeviceInputs", "StreamInputs", "TrainState", "TrainingDiverged", "abstract_train_state", "build_model",
+    "dataset_classes", "evaluate", "input_shape", "load_data", "make_eval_step", "make_stream_eval_step",
+    "make_stream_train_step", "make_train_step", "memory_eval_inputs", "open_inputs", "train_and_evaluate",
+    "with_dataset_classes",
 ]

@@ -1,4 +1,4 @@
-"""Optional test groups (torch, tfds, real Fashion-MNIST) skip where their package or data
+"""Optional test groups (torch, tfds, grain, real Fashion-MNIST) skip where their package or data
 is missing, so `make test` runs on a fresh machine; `--require=GROUP,...` (what CI passes)
 turns any skip inside those groups into a failure, so none can go missing unnoticed."""
 
@@ -14,6 +14,10 @@ OPTIONAL_GROUPS = {
     "tfds": (
         lambda: importlib.util.find_spec("tensorflow_datasets") is not None,
         "pip install tensorflow-datasets",
+    ),
+    "grain": (
+        lambda: all(importlib.util.find_spec(m) is not None for m in ("grain", "PIL")),
+        "pip install -e '.[stream]'",
     ),
     "fashion_mnist": (
         lambda: os.path.isdir(FASHION_MNIST_DIR), "apt-get install -y dataset-fashion-mnist"

@@ -36,3 +36,22 @@ def write_graded_fashion_mnist(folder: Path, seed: int, train: int, test: int, g
         labels = rng.integers(0, 10, count).astype(np.uint8)
         write_mnist(folder, split, graded_images(rng, labels), labels, gz=gz)
     return folder
+
+
+def write_image_folder(root: Path, seed: int, classes: int = 3, train_per_class: int = 6,
+                       val_per_class: int = 3, shape: tuple[int, int] = (40, 52)) -> Path:
+    """`root/{train,val}/class_<k>/*`: images in both formats (JPEG and PNG), of class-graded
+    brightness (learnable), alternately landscape and portrait, written with Pillow."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(classes):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                height, width = shape if i % 2 == 0 else shape[::-1]
+                pixels = rng.integers(0, 30, (height, width, 3)) + 200 * label // max(classes - 1, 1)
+                image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+                image.save(folder / (f"{i:03d}.jpg" if i % 2 == 0 else f"{i:03d}.png"))
+    return root

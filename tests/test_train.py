@@ -100,7 +100,7 @@ def test_evaluate_cli_prints_one_json_line(trained):
     )
     result = json.loads(out[-1])
     assert result["step"] == 24 and result["num_examples"] == 512
-    assert set(result) == {"step", "error", "top5_error", "loss", "num_examples"}
+    assert set(result) == {"step", "mode", "error", "top5_error", "loss", "num_examples"}
 
 
 def test_load_returns_model_variables_and_config(trained):
@@ -211,3 +211,31 @@ def test_bn_groups_normalise_each_group_on_its_own():
     )
     whole_batch, _ = _apply_train(model, variables, x, bn_group_size=0)
     assert not np.allclose(whole_batch, logits, atol=1e-3)
+
+
+def test_a_workdir_saved_before_the_imagenet_keys_still_resumes_and_evaluates(trained, data_dir, tmp_path):
+    import ml_collections
+
+    from resnet_jax import config as config_lib
+
+    workdir = shutil.copytree(trained[0], tmp_path / "old")
+    record = json.loads((workdir / "config.json").read_text())
+    added = ("num_classes", "image_size", "scale_range", "area_range", "aspect_ratio_range", "lighting_std",
+             "eval_resize", "multi_scale_sizes", "skip_unreadable", "num_workers", "prefetch_batches")
+    for key in added:  # as the config.json of a run from before these keys existed
+        del record["config"]["dataset"][key]
+    record["fingerprint"] = config_lib.fingerprint(ml_collections.ConfigDict(record["config"]))
+    (workdir / "config.json").write_text(json.dumps(record))
+    assert evaluate_workdir(workdir, 24)["error"] == evaluate_workdir(trained[0], 24)["error"]
+    result = train_and_evaluate(tiny_config(data_dir), workdir)
+    assert result["eval_error"] == trained[1]["eval_error"]  # nothing left to train: the same run
+    assert not list(workdir.glob("config.*.json"))  # rewritten in place, not set aside as another run
+    assert "image_size" in json.loads((workdir / "config.json").read_text())["config"]["dataset"]
+
+
+def test_evaluating_a_small_dataset_in_ten_crop_or_multi_scale_mode_is_refused(trained):
+    from resnet_jax.config import ConfigError
+
+    for mode in ("ten_crop", "multi_scale"):
+        with pytest.raises(ConfigError, match=rf"--mode={mode} needs a streamed dataset.*use --mode=center"):
+            evaluate_workdir(trained[0], mode=mode)

@@ -1,7 +1,11 @@
-"""Augmentation and normalisation that run on the device, inside the compiled step.
+"""Augmentation, evaluation crops and normalisation.
 
-Everything here is a pure function of a batch and a PRNG key, so a step's batch is a
-function of (seed, step) alone: resuming a run reproduces it exactly.
+Small datasets are augmented on the device, inside the compiled step (`pad_crop_flip`);
+streamed datasets on the host, one image at a time, with numpy and Pillow (the functions
+taking a `numpy.random.Generator`: the paper's scale augmentation and lighting, the
+modern random-resized-crop, and the center / ten-crop / multi-scale evaluation views).
+Either way everything is a pure function of the images and a seed, so a step's batch is
+a function of (seed, step) alone: resuming a run reproduces it exactly.
 """
 
 from __future__ import annotations
@@ -45,3 +49,136 @@ def pad_crop_flip(key: jax.Array, images: jnp.ndarray, padding: int) -> jnp.ndar
     crops = jax.vmap(crop)(padded, offsets)
     flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
     return jnp.where(flip, crops[:, :, ::-1, :], crops)
+
+
+# --- Streamed datasets: on the host, per image (uint8 HWC numpy arrays) -------------------
+
+# AlexNet's PCA lighting (Krizhevsky et al. 2012), with ImageNet's RGB eigenvalues and
+# eigenvectors (as columns) of the pixel covariance, in [0, 1] pixel units.
+IMAGENET_EIGENVALUES = np.array([0.2175, 0.0188, 0.0045], np.float32)
+IMAGENET_EIGENVECTORS = np.array(
+    [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], np.float32
+)
+
+
+def shorter_side_shape(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) of an image resized, aspect kept, so that its shorter side is `side`."""
+    scale = side / min(height, width)
+    return max(side, round(height * scale)), max(side, round(width * scale))
+
+
+def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
+    """`image` resized (bilinear, antialiased) so that its shorter side is `side`."""
+    height, width = image.shape[:2]
+    if min(height, width) == side:
+        return image
+    new_height, new_width = shorter_side_shape(height, width, side)
+    return _pillow_resize(image, (new_width, new_height))
+
+
+def _pillow_resize(image: np.ndarray, size: tuple[int, int], box: tuple | None = None) -> np.ndarray:
+    from PIL import Image  # only streamed datasets need pillow
+
+    resized = Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, box=box)
+    return np.asarray(resized)
+
+
+def crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    return image[top : top + size, left : left + size]
+
+
+def scale_crop_params(rng: np.random.Generator, height: int, width: int, scale_range: tuple[int, int],
+                      size: int) -> tuple[int, int, int, bool]:
+    """(shorter side, top, left, flip) of one scale augmentation: the side uniform over the
+    integers of `scale_range`, the crop uniform over the positions inside the resized image."""
+    side = int(rng.integers(scale_range[0], scale_range[1] + 1))
+    new_height, new_width = shorter_side_shape(height, width, side)
+    top = int(rng.integers(0, new_height - size + 1))
+    left = int(rng.integers(0, new_width - size + 1))
+    return side, top, left, bool(rng.random() < 0.5)
+
+
+def scale_crop_flip(rng: np.random.Generator, image: np.ndarray, scale_range: tuple[int, int],
+                    size: int) -> np.ndarray:
+    """The paper's ImageNet augmentation (Sec. 3.4): shorter side resized to a uniform
+    random integer in `scale_range`, a random `size` x `size` crop, flipped with p = 1/2."""
+    side, top, left, flip = scale_crop_params(rng, *image.shape[:2], scale_range, size)
+    view = crop(resize_shorter(image, side), top, left, size)
+    return view[:, ::-1] if flip else view
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            area_range: tuple[float, float], ratio_range: tuple[float, float],
+                            attempts: int = 10) -> tuple[int, int, int, int]:
+    """(top, left, box height, box width): a box of a uniform random fraction of the area
+    in `area_range` and a log-uniform aspect ratio (width / height) in `ratio_range`, at
+    a uniform position (Szegedy et al. 2015, as torchvision). After `attempts` boxes that
+    do not fit, the largest centered box whose ratio is within the range."""
+    area = height * width
+    log_ratios = np.log(ratio_range)
+    for _ in range(attempts):
+        target = area * rng.uniform(*area_range)
+        ratio = np.exp(rng.uniform(*log_ratios))
+        box_width = round(np.sqrt(target * ratio))
+        box_height = round(np.sqrt(target / ratio))
+        if 0 < box_width <= width and 0 < box_height <= height:
+            top = int(rng.integers(0, height - box_height + 1))
+            left = int(rng.integers(0, width - box_width + 1))
+            return top, left, box_height, box_width
+    ratio = width / height
+    if ratio < ratio_range[0]:
+        box_width, box_height = width, round(width / ratio_range[0])
+    elif ratio > ratio_range[1]:
+        box_width, box_height = round(height * ratio_range[1]), height
+    else:
+        box_width, box_height = width, height
+    return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
+
+
+def random_resized_crop(rng: np.random.Generator, image: np.ndarray, area_range: tuple[float, float],
+                        ratio_range: tuple[float, float], size: int) -> np.ndarray:
+    """The modern ImageNet augmentation: a random box (`random_resized_crop_box`) resized
+    to `size` x `size`, flipped with p = 1/2."""
+    top, left, box_height, box_width = random_resized_crop_box(rng, *image.shape[:2], area_range, ratio_range)
+    view = _pillow_resize(image, (size, size), box=(left, top, left + box_width, top + box_height))
+    return random_flip(rng, view)
+
+
+def random_flip(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def lighting_offset(rng: np.random.Generator, std: float) -> np.ndarray:
+    """AlexNet's PCA colour augmentation: the RGB offset (in [0, 1] pixel units) added to
+    every pixel of one image, `eigenvectors @ (alpha * eigenvalues)` with alpha ~ N(0, std)."""
+    alpha = rng.normal(0.0, std, 3).astype(np.float32)
+    return IMAGENET_EIGENVECTORS @ (alpha * IMAGENET_EIGENVALUES)
+
+
+def center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+    """Shorter side resized to `resize`, then the center `size` x `size` crop."""
+    resized = resize_shorter(image, resize)
+    height, width = resized.shape[:2]
+    return crop(resized, (height - size) // 2, (width - size) // 2, size)
+
+
+def ten_crops(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+    """(10, size, size, C): of the image resized to shorter side `resize`, the top-left,
+    top-right, bottom-left, bottom-right and center crops, then the same five flipped."""
+    resized = resize_shorter(image, resize)
+    height, width = resized.shape[:2]
+    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
+               ((height - size) // 2, (width - size) // 2)]
+    crops = np.stack([crop(resized, top, left, size) for top, left in corners])
+    return np.concatenate([crops, crops[:, :, ::-1]])
+
+
+def multi_scale_views(image: np.ndarray, sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """For each shorter side s in `sizes`, (2, s, s, C): the image resized to it, its
+    center s x s square, and that square flipped. Fixed squares keep one compiled network
+    per scale; the fully-convolutional net scores every location of each."""
+    views = []
+    for side in sizes:
+        square = center_crop(image, side, side)
+        views.append(np.stack([square, square[:, ::-1]]))
+    return tuple(views)

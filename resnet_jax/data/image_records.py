@@ -1,0 +1,150 @@
+"""Large image datasets (ImageNet) as random-access records, read one image at a time.
+
+A record source has `len()`, `source[i] -> (uint8 RGB image (H, W, 3), label)`,
+`num_classes` and `describe(i)` (what to name in an error). Sources are picklable, so
+the input pipeline's worker processes each get a copy. Two kinds:
+
+- `ImageFolder`: `data_dir/train/<class>/*` and `data_dir/val/<class>/*` JPEG or PNG
+  files; classes are the folder names in sorted order, the same in both splits.
+- `TfdsRecords`: a prepared tensorflow-datasets dataset (`imagenet2012`, `imagenette`)
+  through `tfds.data_source`, which reads its ArrayRecord files without tensorflow.
+
+Pillow and tensorflow-datasets are imported only by the sources that need them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from resnet_jax.data.sources import DataError
+
+STREAMED_DATASETS = ("image_folder", "imagenet2012", "imagenette")
+# Class counts known before reading any data; image_folder's come from its folders.
+STREAMED_NUM_CLASSES = {"imagenet2012": 1000, "imagenette": 10}
+STREAM_SPLITS = ("train", "validation")
+# The folder of each split in an image folder (ImageNet's own layout names it "val").
+IMAGE_FOLDER_SPLITS = {"train": "train", "validation": "val"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+IMAGENET_PREPARATION = (
+    "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org, after "
+    "registering) into ~/tensorflow_datasets/downloads/manual/, then run once, with "
+    "tensorflow installed (pip install -e '.[tfds,tfds-prepare]'): "
+    "tfds build imagenet2012 --file_format=array_record"
+)
+
+
+def decode_image(data: bytes, what: str) -> np.ndarray:
+    """uint8 RGB (H, W, 3) from JPEG or PNG bytes; grayscale and CMYK become RGB."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError  # the image sources need pillow, not the rest
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{what}: unreadable image ({type(error).__name__}: {error})") from None
+
+
+class ImageFolder:
+    """One split of `data_dir/{train,val}/<class>/<image>`: files sorted, classes sorted."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], split: str, classes: tuple[str, ...] | None = None):
+        root = Path(data_dir)
+        layout = "dataset.data_dir holding train/<class>/*.jpg and val/<class>/*.jpg (JPEG or PNG)"
+        if not root.is_dir():
+            raise DataError(f"{root}: no such directory; image_folder needs {layout}")
+        folder = root / IMAGE_FOLDER_SPLITS[split]
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such directory (the {split} split); image_folder needs {layout}")
+        found = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+        if not found:
+            raise DataError(f"{folder}: no class folders; image_folder needs {layout}")
+        if classes is not None and found != classes:
+            extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+            raise DataError(
+                f"{folder}: its class folders differ from the training split's "
+                f"(only here: {extra or 'none'}; missing here: {missing or 'none'}); both splits "
+                "need the same class folders, so that labels mean the same"
+            )
+        self.classes = found
+        files, labels = [], []
+        for label, name in enumerate(found):
+            for path in sorted((folder / name).iterdir()):
+                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(str(path))
+                    labels.append(label)
+        if not files:
+            raise DataError(f"{folder}: no .jpg, .jpeg or .png files in its class folders; needs {layout}")
+        self.files = files
+        self.labels = np.asarray(labels, np.int32)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self, index: int) -> str:
+        return self.files[index]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        path = self.files[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise DataError(f"{path}: cannot be read ({error})") from None
+        return decode_image(data, path), int(self.labels[index])
+
+
+class TfdsRecords:
+    """One split of a prepared TFDS image dataset, read through `tfds.data_source`."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        try:
+            import tensorflow_datasets as tfds  # heavy, and only this source needs it
+        except ImportError as error:
+            raise DataError(
+                f"{name} is read through tensorflow-datasets ({error}): pip install -e '.[tfds,stream]'"
+            ) from None
+        self.name, self.split = name, split
+        self.num_classes = STREAMED_NUM_CLASSES[name]
+        try:
+            self.records = tfds.data_source(name, split=split, data_dir=data_dir)
+        except Exception as error:  # noqa: BLE001 - TFDS raises many kinds; all mean "not prepared"
+            how = IMAGENET_PREPARATION if name == "imagenet2012" else (
+                f"run once, with tensorflow installed: tfds build {name} --file_format=array_record"
+            )
+            raise DataError(
+                f"tensorflow-datasets {name} {split} is not available ({type(error).__name__}: "
+                f"{str(error)[:300]}). To get it: {how}"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def describe(self, index: int) -> str:
+        return f"tensorflow-datasets {self.name} {self.split} record {index}"
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        try:
+            record = self.records[index]
+        except Exception as error:  # noqa: BLE001 - a damaged record: name it, whatever broke
+            raise DataError(f"{self.describe(index)}: unreadable ({type(error).__name__}: {error})") from None
+        image = np.asarray(record["image"])
+        if image.ndim == 2 or image.shape[-1] == 1:
+            image = np.broadcast_to(image.reshape(*image.shape[:2], 1), (*image.shape[:2], 3))
+        return np.ascontiguousarray(image, np.uint8), int(record["label"])
+
+
+def open_split(name: str, split: str, data_dir: str | None, classes: tuple[str, ...] | None = None):
+    """The record source of `split` of streamed dataset `name`. For image_folder, `classes`
+    (the training split's) must equal the split's own class folders."""
+    if name == "image_folder":
+        return ImageFolder(data_dir, split, classes)
+    return TfdsRecords(name, split, data_dir or None)

@@ -1,0 +1,328 @@
+"""Large datasets (ImageNet) streamed by a host pipeline into the devices.
+
+Grain (`pip install -e '.[stream]'`, imported only here) maps batch positions to
+examples: decode with Pillow and augment with numpy (`data/augment.py`) in worker
+processes, batch, and each process turns its part of every batch into the global array
+with the mesh's batch sharding; a few batches wait on the devices ahead of the step.
+
+Everything is index-based, so training batch `s` is a pure function of (seed, s):
+- global position g = s * batch_size + k is example k of batch s; epoch g // N uses the
+  permutation `default_rng([seed, 0, epoch])` of the N records, and the example's crop,
+  flip and lighting come from `default_rng([seed, 1, g])`;
+- process p of P reads positions [s * B + p * B/P, s * B + (p + 1) * B/P) of batch s:
+  only its own share of each batch, and the global batch is the same for any P.
+The position to resume from is therefore the step the checkpoint already holds: a
+resumed run gets exactly the batches it would have got, on any number of processes or
+workers. Evaluation reads every record once, in order, the last batch padded and masked.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnet_jax.data import augment
+from resnet_jax.data.image_records import open_split
+from resnet_jax.data.sources import DataError
+from resnet_jax.parallel import Parallel
+
+# Training images whose center crops give the normalisation statistics: a seeded sample
+# (ImageNet's mean is known to ~0.1% from 1000 images; the whole set would take an epoch).
+NORMALIZATION_SAMPLE = 1000
+
+
+def _grain():
+    try:
+        import grain  # only streamed datasets need it
+    except ImportError as error:
+        raise DataError(
+            f"streamed datasets (image_folder, imagenet2012, imagenette) need grain ({error}): "
+            "pip install -e '.[stream]'"
+        ) from None
+    return grain
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """Mean and std in [0, 1] pixel units, on the devices: mean (H, W, 3) or (3,), std (3,)."""
+
+    mean: jax.Array
+    std: jax.Array
+
+
+def normalize(images: jnp.ndarray, norm: Normalization, offset: jnp.ndarray | float = 0.0) -> jnp.ndarray:
+    """uint8 (..., H, W, 3) -> float32 with `offset` (lighting) added and the mean and std
+    taken off. A per-pixel mean image is resized to views of another size (multi-scale)."""
+    mean = norm.mean
+    if mean.ndim == 3 and mean.shape[:2] != images.shape[-3:-1]:
+        mean = jax.image.resize(mean, (*images.shape[-3:-1], mean.shape[-1]), "bilinear")
+    return (images.astype(jnp.float32) / 255.0 + offset - mean) / norm.std
+
+
+def train_images(batch: dict, norm: Normalization) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The step's normalised images (each with its lighting offset) and labels (traceable)."""
+    offsets = batch["lighting"][:, None, None, :]
+    return normalize(batch["image"], norm, offsets), batch["label"]
+
+
+def eval_views(batch: dict, norm: Normalization):
+    """(views, labels, mask) of an evaluation batch, views normalised (traceable)."""
+    views = jax.tree_util.tree_map(lambda v: normalize(v, norm), batch["views"])
+    return views, batch["label"], batch["mask"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """What the example transforms read of the config: plain values, cheap to pickle."""
+
+    seed: int
+    augment: str
+    image_size: int
+    scale_range: tuple[int, int]
+    area_range: tuple[float, float]
+    aspect_ratio_range: tuple[float, float]
+    lighting_std: float
+    eval_resize: int
+    multi_scale_sizes: tuple[int, ...]
+    skip_unreadable: bool
+
+    @classmethod
+    def of(cls, config: ml_collections.ConfigDict) -> _Settings:
+        d = config.dataset
+        return cls(config.seed, d.augment, d.image_size, tuple(d.scale_range), tuple(d.area_range),
+                   tuple(d.aspect_ratio_range), d.lighting_std, d.eval_resize, tuple(d.multi_scale_sizes),
+                   d.skip_unreadable)
+
+
+def _skipped(error: DataError, counts: collections.Counter) -> None:
+    counts["skipped"] += 1
+    print(f"warning: skipped unreadable image ({error}); {counts['skipped']} skipped so far "
+          f"in process {os.getpid()}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class _Positions:
+    """Which global positions process `process` of `count` reads: its share of each batch."""
+
+    batch_size: int
+    process: int
+    count: int
+
+    def global_position(self, local: int) -> int:
+        share = self.batch_size // self.count
+        return (local // share) * self.batch_size + self.process * share + local % share
+
+
+class _TrainExample:
+    """Local position -> {"image", "label", "lighting"}: a pure function of (seed, position)."""
+
+    def __init__(self, source, settings: _Settings, positions: _Positions):
+        self.source, self.settings, self.positions = source, settings, positions
+        self._epoch, self._order = -1, None
+        self._counts = collections.Counter()
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # once per epoch per worker: a permutation of N indices
+            self._order = np.random.default_rng([self.settings.seed, 0, epoch]).permutation(len(self.source))
+            self._epoch = epoch
+        return self._order
+
+    def __call__(self, local: int) -> dict:
+        s, n = self.settings, len(self.source)
+        position = self.positions.global_position(local)
+        order = self._order_of(position // n)
+        # An unreadable image (when skipping) is replaced by the next one of the epoch's order.
+        for offset in range(n):
+            index = int(order[(position + offset) % n])
+            try:
+                image, label = self.source[index]
+                break
+            except DataError as error:
+                if not s.skip_unreadable:
+                    raise
+                _skipped(error, self._counts)
+        else:
+            raise DataError(f"no readable image in the training split ({n} tried)")
+        rng = np.random.default_rng([s.seed, 1, position])
+        if s.augment == "scale_crop_flip":
+            image = augment.scale_crop_flip(rng, image, s.scale_range, s.image_size)
+        elif s.augment == "random_resized_crop":
+            image = augment.random_resized_crop(rng, image, s.area_range, s.aspect_ratio_range, s.image_size)
+        else:
+            image = augment.center_crop(image, s.eval_resize, s.image_size)
+        lighting = augment.lighting_offset(rng, s.lighting_std) if s.lighting_std else np.zeros(3, np.float32)
+        return {"image": np.ascontiguousarray(image), "label": np.int32(label), "lighting": lighting}
+
+
+class _EvalExample:
+    """Local position -> {"views", "label", "mask"} of record `records[position]`; positions
+    past the end (padding) and skipped unreadable images have mask False."""
+
+    def __init__(self, source, records: np.ndarray, settings: _Settings, mode: str, positions: _Positions):
+        self.source, self.records, self.settings, self.mode = source, records, settings, mode
+        self.positions = positions
+        self._counts = collections.Counter()
+
+    def _views(self, image: np.ndarray):
+        s = self.settings
+        if self.mode == "center":
+            return np.ascontiguousarray(augment.center_crop(image, s.eval_resize, s.image_size))
+        if self.mode == "ten_crop":
+            return np.ascontiguousarray(augment.ten_crops(image, s.eval_resize, s.image_size))
+        return tuple(np.ascontiguousarray(v) for v in augment.multi_scale_views(image, s.multi_scale_sizes))
+
+    def _blank(self):
+        s = self.settings
+        if self.mode == "center":
+            return np.zeros((s.image_size, s.image_size, 3), np.uint8)
+        if self.mode == "ten_crop":
+            return np.zeros((10, s.image_size, s.image_size, 3), np.uint8)
+        return tuple(np.zeros((2, side, side, 3), np.uint8) for side in s.multi_scale_sizes)
+
+    def __call__(self, local: int) -> dict:
+        position = self.positions.global_position(local)
+        if position < len(self.records):
+            index = int(self.records[position])
+            try:
+                image, label = self.source[index]
+                return {"views": self._views(image), "label": np.int32(label), "mask": np.bool_(True)}
+            except DataError as error:
+                if not self.settings.skip_unreadable:
+                    raise
+                _skipped(error, self._counts)
+        return {"views": self._blank(), "label": np.int32(0), "mask": np.bool_(False)}
+
+
+def _workers(num_workers: int) -> int:
+    return (os.cpu_count() or 1) if num_workers == -1 else num_workers
+
+
+class HostBatches:
+    """Batches of a Grain MapDataset, decoded in `num_workers` processes (0: in this one,
+    by threads), as an iterator of numpy trees; `close()` stops the workers."""
+
+    def __init__(self, dataset, num_workers: int):
+        grain = _grain()
+        iter_dataset = dataset.to_iter_dataset()
+        workers = _workers(num_workers)
+        if workers:
+            from absl import flags
+
+            # Grain copies absl's flag values into its workers, and reading them needs them
+            # parsed; train.py and evaluate.py parse their own flags with argparse.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        self._iterator = iter(iter_dataset)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def _on_devices(host_batches, parallel: Parallel, prefetch: int) -> Iterator[Any]:
+    """Each process's share of a batch -> global arrays split over the `data` axis; up to
+    `prefetch` batches are transferred ahead of the one being used."""
+    waiting = collections.deque()
+    for batch in host_batches:
+        waiting.append(jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_process_local_data(parallel.batch, np.asarray(x)), batch
+        ))
+        if len(waiting) > prefetch:
+            yield waiting.popleft()
+    while waiting:
+        yield waiting.popleft()
+
+
+class StreamedData:
+    """A streamed dataset's splits, opened and checked before anything is compiled, and the
+    normalisation statistics of its training images."""
+
+    def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
+        _grain()  # refuse early, with how to install it
+        d = config.dataset
+        self.config, self.parallel = config, parallel
+        self.settings = _Settings.of(config)
+        data_dir = d.data_dir or None
+        self.train = open_split(d.name, d.train_split, data_dir)
+        self.eval = None
+        if "eval" in roles:
+            self.eval = open_split(d.name, d.eval_split, data_dir, getattr(self.train, "classes", None))
+        self.num_classes = self.train.num_classes
+        self.normalization = self._normalization()
+
+    def _normalization(self) -> Normalization:
+        grain = _grain()
+        n = len(self.train)
+        sample = np.sort(np.random.default_rng([self.settings.seed, 2]).choice(
+            n, min(n, NORMALIZATION_SAMPLE), replace=False))
+        dataset = grain.MapDataset.range(len(sample)).map(
+            _EvalExample(self.train, sample, self.settings, "center", _Positions(len(sample), 0, 1))
+        ).batch(64)
+        batches = HostBatches(dataset, self.config.dataset.num_workers)
+        try:
+            images = np.concatenate([batch["views"][batch["mask"]] for batch in batches])
+        finally:
+            batches.close()
+        if not len(images):
+            raise DataError(f"no readable image among {len(sample)} sampled from the training split")
+        mean, std = augment.normalization_stats(images, self.config.dataset.normalization)
+        put = lambda a: jax.make_array_from_process_local_data(self.parallel.replicated, a)  # noqa: E731
+        return Normalization(put(mean), put(std))
+
+    def _positions(self, batch_size: int) -> _Positions:
+        return _Positions(batch_size, jax.process_index(), jax.process_count())
+
+    @contextlib.contextmanager
+    def _batches(self, dataset) -> Iterator[Iterator[tuple]]:
+        host = HostBatches(dataset, self.config.dataset.num_workers)
+        try:
+            batches = _on_devices(host, self.parallel, self.config.dataset.prefetch_batches)
+            yield ((batch, self.normalization) for batch in batches)
+        finally:
+            host.close()
+
+    def train_dataset(self, start_step: int):
+        """The Grain MapDataset of this process's share of the training batches from
+        `start_step` on, as numpy trees on the host (what `train_batches` transfers)."""
+        grain, c = _grain(), self.config
+        share = c.batch_size // jax.process_count()
+        return grain.MapDataset.range(start_step * share, c.num_train_steps * share).map(
+            _TrainExample(self.train, self.settings, self._positions(c.batch_size))
+        ).batch(share)
+
+    def train_batches(self, start_step: int) -> contextlib.AbstractContextManager[Iterator[tuple]]:
+        """The (batch, normalization) inputs of the training steps from `start_step` on."""
+        return self._batches(self.train_dataset(start_step))
+
+    def num_eval_batches(self) -> int:
+        return -(-len(self.eval) // self.config.eval_batch_size)
+
+    def eval_batches(self, mode: str) -> contextlib.AbstractContextManager[Iterator[tuple]]:
+        """The (batch, normalization) inputs of the eval steps: every evaluation record
+        once, in order, as `mode` views (`scoring.MODES`); the last batch padded and masked."""
+        grain, c = _grain(), self.config
+        share = c.eval_batch_size // jax.process_count()
+        records = np.arange(len(self.eval))
+        dataset = grain.MapDataset.range(self.num_eval_batches() * share).map(
+            _EvalExample(self.eval, records, self.settings, mode, self._positions(c.eval_batch_size))
+        ).batch(share)
+        return self._batches(dataset)

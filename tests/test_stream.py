@@ -1,0 +1,151 @@
+"""The streamed input pipeline on a tiny generated image folder: what it reads, which
+batches it gives (deterministic, resumable, split between processes), bad data."""
+
+import numpy as np
+import pytest
+
+from resnet_jax.config import imagenet_recipe
+from resnet_jax.data import image_records, stream
+from resnet_jax.data.sources import DataError
+from resnet_jax.parallel import data_parallel
+from tests.fake_data import write_image_folder
+
+pytestmark = pytest.mark.grain
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"), seed=0)  # 3 classes x (6 train, 3 val)
+
+
+def small_config(data_dir, **dataset):
+    config = imagenet_recipe("resnet8", "image_folder")
+    config.dataset.data_dir = str(data_dir)
+    config.dataset.update(dict(image_size=16, scale_range=(20, 24), eval_resize=20,
+                               multi_scale_sizes=(16, 24), num_workers=0, prefetch_batches=1))
+    config.dataset.update(dataset)
+    config.batch_size, config.eval_batch_size, config.num_train_steps = 4, 4, 12
+    return config
+
+
+def host_batches(data, start, count):
+    with data.train_batches(start) as batches:
+        return [np.asarray(next(batches)[0]["image"]) for _ in range(count)]
+
+
+def test_image_folder_reads_classes_in_sorted_order_from_jpeg_and_png(folder):
+    train = image_records.ImageFolder(folder, "train")
+    assert train.classes == ("class_0", "class_1", "class_2") and len(train) == 18
+    assert {p.rsplit(".", 1)[1] for p in train.files} == {"jpg", "png"}
+    np.testing.assert_array_equal(train.labels, np.repeat([0, 1, 2], 6))
+    image, label = train[17]
+    assert image.dtype == np.uint8 and image.shape in ((40, 52, 3), (52, 40, 3)) and label == 2
+    assert image.mean() > train[0][0].mean() + 100  # graded by class, as written
+    assert len(image_records.ImageFolder(folder, "validation", train.classes)) == 9
+
+
+def test_image_folder_layout_errors_name_the_folder_and_the_layout(folder, tmp_path):
+    with pytest.raises(DataError, match=r"no such directory.*train/<class>"):
+        image_records.ImageFolder(tmp_path / "nowhere", "train")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match=r"train: no class folders"):
+        image_records.ImageFolder(tmp_path, "train")
+    with pytest.raises(DataError, match=r"val: no such directory \(the validation split\)"):
+        image_records.ImageFolder(tmp_path, "validation")
+    with pytest.raises(DataError, match=r"split's \(only here: none; missing here: \['x'\]"):
+        image_records.ImageFolder(folder, "validation", ("class_0", "class_1", "class_2", "x"))
+
+
+def test_an_unreadable_image_is_an_error_naming_it_or_skipped_and_counted(folder, tmp_path, capsys):
+    import shutil
+
+    root = shutil.copytree(folder, tmp_path / "copy")
+    broken = root / "train" / "class_1" / "002.jpg"
+    broken.write_bytes(b"not a jpeg")
+    parallel = data_parallel()
+    with pytest.raises(DataError, match=rf"{broken}: unreadable image"):
+        stream.StreamedData(small_config(root), parallel, ("train", "eval"))
+    data = stream.StreamedData(small_config(root, skip_unreadable=True), parallel, ("train", "eval"))
+    batches = host_batches(data, 0, 5)  # 20 examples: every one of the 18 files at least once
+    assert all(b.shape == (4, 16, 16, 3) for b in batches)
+    err = capsys.readouterr().err
+    assert f"skipped unreadable image ({broken}: unreadable image" in err and "skipped so far" in err
+
+
+def test_training_batches_are_a_function_of_seed_and_step_so_resuming_gets_the_next_ones(folder):
+    data = stream.StreamedData(small_config(folder), data_parallel(), ("train",))
+    uninterrupted = host_batches(data, 0, 7)  # 28 examples: across the epoch boundary (18)
+    resumed = host_batches(data, 3, 4)  # a new pipeline, started mid-epoch at step 3
+    for a, b in zip(uninterrupted[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other_seed = stream.StreamedData(small_config(folder), data_parallel(), ("train",))
+    other_seed.settings = stream._Settings(**{**vars(data.settings), "seed": 1})
+    assert not np.array_equal(host_batches(other_seed, 0, 1)[0], uninterrupted[0])
+
+
+def test_each_epoch_sees_every_image_once(folder):
+    config = small_config(folder, augment="none")
+    data = stream.StreamedData(config, data_parallel(), ("train",))
+    with data.train_batches(0) as batches:
+        labels = np.concatenate([np.asarray(next(batches)[0]["label"]) for _ in range(9)])
+    for epoch in (labels[:18], labels[18:36]):
+        assert sorted(epoch) == sorted(np.repeat([0, 1, 2], 6))
+    assert not np.array_equal(labels[:18], labels[18:36])  # reshuffled
+
+
+def test_processes_read_disjoint_shares_that_make_up_the_global_batch(folder):
+    data = stream.StreamedData(small_config(folder), data_parallel(), ("train",))
+    whole = stream._TrainExample(data.train, data.settings, stream._Positions(4, 0, 1))
+    shares = [stream._TrainExample(data.train, data.settings, stream._Positions(4, p, 2)) for p in (0, 1)]
+    for step in (0, 5):
+        expected = [whole(step * 4 + k)["image"] for k in range(4)]
+        got = [shares[p](step * 2 + k)["image"] for p in (0, 1) for k in range(2)]
+        for a, b in zip(expected, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_worker_processes_give_the_same_batches_as_the_main_process(folder):
+    in_process = stream.StreamedData(small_config(folder), data_parallel(), ("train",))
+    workers = stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train",))
+    for a, b in zip(host_batches(in_process, 2, 3), host_batches(workers, 2, 3), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode, shapes", [
+    ("center", [(4, 16, 16, 3)]), ("ten_crop", [(4, 10, 16, 16, 3)]),
+    ("multi_scale", [(4, 2, 16, 16, 3), (4, 2, 24, 24, 3)]),
+])
+def test_evaluation_reads_every_image_once_in_order_padding_masked(folder, mode, shapes):
+    data = stream.StreamedData(small_config(folder), data_parallel(), ("train", "eval"))
+    assert data.num_eval_batches() == 3  # 9 images in batches of 4: the last holds 1
+    labels, masks = [], []
+    with data.eval_batches(mode) as batches:
+        for batch, _ in batches:
+            views = batch["views"] if mode == "multi_scale" else (batch["views"],)
+            assert [v.shape for v in views] == shapes
+            labels.append(np.asarray(batch["label"]))
+            masks.append(np.asarray(batch["mask"]))
+    labels, masks = np.concatenate(labels), np.concatenate(masks)
+    assert masks.tolist() == [True] * 9 + [False] * 3
+    np.testing.assert_array_equal(labels[:9], np.repeat([0, 1, 2], 3))
+
+
+def test_normalization_comes_from_the_training_images(folder):
+    per_channel = stream.StreamedData(small_config(folder, normalization="per_channel_mean_std"),
+                                      data_parallel(), ("train",)).normalization
+    per_pixel = stream.StreamedData(small_config(folder), data_parallel(), ("train",)).normalization
+    assert per_channel.mean.shape == (3,) and per_pixel.mean.shape == (16, 16, 3)
+    assert 0.3 < float(per_channel.mean[0]) < 0.6 and float(per_channel.std[0]) > 0.2  # classes 0..200 bright
+    np.testing.assert_allclose(np.asarray(per_pixel.mean).mean(axis=(0, 1)), per_channel.mean, atol=1e-3)
+    assert np.all(np.asarray(per_pixel.std) == 1)
+
+
+def test_lighting_offsets_are_added_to_every_pixel_before_normalising():
+    import jax.numpy as jnp
+
+    norm = stream.Normalization(jnp.full((3,), 0.5), jnp.full((3,), 0.25))
+    batch = {"image": jnp.full((2, 4, 4, 3), 255, jnp.uint8), "label": jnp.array([0, 1]),
+             "lighting": jnp.array([[0.1, 0.0, -0.1], [0.0, 0.0, 0.0]])}
+    images, labels = stream.train_images(batch, norm)
+    np.testing.assert_allclose(images[0], np.broadcast_to([2.4, 2.0, 1.6], (4, 4, 3)), rtol=1e-6)
+    np.testing.assert_allclose(images[1], 2.0)
