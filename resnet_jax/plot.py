@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -149,6 +150,18 @@ def plot_curves(
     ylim: tuple[float, float] | None = None,
 ) -> Path:
     """Draw the runs' error curves (see `draw_runs`) into the image file `out`; return its path."""
+    figure = new_figure((7, 4.5))
+    ax = figure.add_subplot()
+    draw_runs(ax, run_dirs, labels)
+    if title:
+        ax.set_title(title)
+    # Errors are never negative; anchoring at 0 keeps figures of different runs comparable.
+    ax.set_ylim(ylim if ylim is not None else (0, None))
+    return save_figure(figure, out)
+
+
+def new_figure(size: tuple[float, float]) -> Figure:
+    """An empty figure of `size` inches, for one or several panels (`add_subplot`)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -156,14 +169,13 @@ def plot_curves(
         raise ModuleNotFoundError(MATPLOTLIB_MISSING) from error
 
     # A bare Figure on an Agg canvas: no pyplot state, no display, the caller's backend untouched.
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    draw_runs(ax, run_dirs, labels)
-    if title:
-        ax.set_title(title)
-    # Errors are never negative; anchoring at 0 keeps figures of different runs comparable.
-    ax.set_ylim(ylim if ylim is not None else (0, None))
+    return figure
+
+
+def save_figure(figure: Figure, out: str | Path) -> Path:
+    """Write `figure` to the image file `out` (its suffix picks the format); return its path."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=150)
