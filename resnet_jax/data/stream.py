@@ -67,7 +67,8 @@ def normalize(images: jnp.ndarray, norm: Normalization, offset: jnp.ndarray | fl
     mean = norm.mean
     if mean.ndim == 3 and mean.shape[:2] != images.shape[-3:-1]:
         mean = jax.image.resize(mean, (*images.shape[-3:-1], mean.shape[-1]), "bilinear")
-    return (images.astype(jnp.float32) / 255.0 + offset - mean) / norm.std
+    # Adding the offset to every pixel is taking it off the mean: one normalisation for all data.
+    return augment.normalize(images, mean - offset, norm.std)
 
 
 def train_images(batch: dict, norm: Normalization) -> tuple[jnp.ndarray, jnp.ndarray]:
