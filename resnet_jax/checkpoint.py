@@ -163,20 +163,29 @@ def _shapes(tree: Any) -> dict[str, tuple]:
 def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
     """Raise, naming the first differing key path with both shapes and dtypes, when the
     checkpoint at `step` does not fit `abstract_state` (another model, classes or dtype)."""
+    path = Path(mngr.directory) / str(step)
     try:
         stored = _shapes(mngr.item_metadata(step))
+        recorded = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         problem = f"{type(error).__name__}: {str(error)[:300]}"
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {problem}") from None
+    # A save killed part-way can leave metadata listing only some arrays: that is damage,
+    # not another model, and must be set aside rather than stop the run as a misfit.
+    if not recorded:
+        raise DamagedCheckpoint(f"checkpoint {path} has no recorded content hashes (metadata missing)")
+    if len(recorded) != len(stored):
         raise DamagedCheckpoint(
-            f"checkpoint {Path(mngr.directory) / str(step)} cannot be read: {problem}"
-        ) from None
+            f"checkpoint {path} was not completely written: its metadata lists {len(stored)} of the "
+            f"{len(recorded)} arrays it recorded"
+        )
     wanted = _shapes(abstract_state)
     for key in sorted(set(stored) | set(wanted)):
         if stored.get(key) != wanted.get(key):
             have = "absent" if key not in stored else f"{stored[key][0]} {stored[key][1]}"
             need = "absent" if key not in wanted else f"{wanted[key][0]} {wanted[key][1]}"
             raise WorkdirError(
-                f"checkpoint {Path(mngr.directory) / str(step)} does not fit this config's model: "
+                f"checkpoint {path} does not fit this config's model: "
                 f"{key} is {have} in the checkpoint but {need} in the model. Nothing was changed."
             )
 
