@@ -32,6 +32,7 @@ from resnet_jax.data import memory, stream
 from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.image_records import STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import IMAGE_SHAPES, load_split, num_classes
+from resnet_jax.fast_conv import compiler_options
 from resnet_jax.metrics import MetricWriter, Progress, classification_metrics
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.parallel import Parallel, barrier, data_parallel
@@ -206,7 +207,9 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
             "first_nonfinite_loss": ~per_step["loss_finite"][first_bad],
         }
 
-    return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated)
+    return jax.jit(
+        step, donate_argnums=0, out_shardings=parallel.replicated, compiler_options=compiler_options(model.conv)
+    )
 
 
 def make_eval_step(model: ResNet, batch_size: int, parallel: Parallel):
@@ -230,7 +233,7 @@ def _compile_eval_step(model: ResNet, parallel: Parallel, batch_of: Callable, mo
         scores = scoring.class_scores(model, variables, views, mode)
         return classification_metrics(scores, labels, mask)
 
-    return jax.jit(eval_step, out_shardings=parallel.replicated)
+    return jax.jit(eval_step, out_shardings=parallel.replicated, compiler_options=compiler_options(model.conv))
 
 
 def memory_eval_inputs(data: memory.DeviceData, batch_size: int) -> list[tuple]:

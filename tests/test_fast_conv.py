@@ -27,6 +27,7 @@ SHAPES = [
     (2, 6, 6, 4, 6, 1, 1, ((0, 0), (0, 0))),  # a bottleneck's 1x1
     (1, 13, 13, 3, 4, 7, 2, ((3, 3), (3, 3))),  # the ImageNet stem
     (2, 10, 10, 3, 4, 3, 2, "SAME"),  # XLA's asymmetric padding
+    (2, 13, 11, 2, 3, 5, 3, ((2, 0), (1, 2))),  # stride 3: input rows no window reads
     (2, 10, 10, 3, 4, 3, 1, "VALID"),
     (11, 5, 5, 3, 4, 3, 1, ((1, 1), (1, 1))),  # a batch of one full chunk and a partial one
 ]
