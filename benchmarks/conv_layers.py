@@ -4,9 +4,10 @@
 
 For every distinct convolution shape of the CIFAR ResNets (batch 128) or of ResNet-50
 (batch 8), times the forward pass, the gradient wrt the input and the gradient wrt the
-kernel, each compiled alone, on each path ("xla", "auto", "shifted"), both as a plain
-jitted function and inside a `lax.scan` body, which is where the training step runs
-them and where XLA:CPU's own gradient convolutions are slow. Prints one markdown row
+kernel, each compiled alone with its path's `compiler_options`, on each path ("xla",
+"auto", "shifted"), both as a plain jitted function and inside a `lax.scan` body, which
+is where the training step runs them and where XLA:CPU's own gradient convolutions are
+slow. Prints one markdown row
 per layer, part and context: the median milliseconds of `reps` calls after a warm-up.
 """
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax.fast_conv import CONV_PATHS, conv_general_dilated_for
+from resnet_jax.fast_conv import CONV_PATHS, compiler_options, conv_general_dilated_for
 
 # (batch, size, in channels, out channels, kernel, stride): every distinct shape.
 LAYERS = {
@@ -90,7 +91,8 @@ def main() -> None:
                 times = []
                 for path in CONV_PATHS:
                     f = part_fn(path, part, kernel, stride)
-                    times.append(median_ms(jax.jit(in_scan_body(f) if context == "scan" else f), (x, w, g),
+                    fn = in_scan_body(f) if context == "scan" else f
+                    times.append(median_ms(jax.jit(fn, compiler_options=compiler_options(path)), (x, w, g),
                                            args.reps))
                 print(f"| {batch}, {size}x{size}, {c_in} -> {c_out}, {kernel}x{kernel}/{stride} | {part} | "
                       f"{context} | " + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)

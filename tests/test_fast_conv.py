@@ -29,7 +29,7 @@ SHAPES = [
     (2, 10, 10, 3, 4, 3, 2, "SAME"),  # XLA's asymmetric padding
     (2, 13, 11, 2, 3, 5, 3, ((2, 0), (1, 2))),  # stride 3: input rows no window reads
     (2, 10, 10, 3, 4, 3, 1, "VALID"),
-    (11, 5, 5, 3, 4, 3, 1, ((1, 1), (1, 1))),  # a batch of one full chunk and a partial one
+    (19, 5, 5, 3, 4, 3, 1, ((1, 1), (1, 1))),  # a batch of one full chunk and a partial one
 ]
 
 
@@ -65,6 +65,24 @@ def test_auto_is_xla_off_the_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert fast_conv.conv_general_dilated_for("auto") is lax.conv_general_dilated
     assert fast_conv.conv_general_dilated_for("shifted") is not lax.conv_general_dilated
+
+
+def test_cpu_paths_compile_with_ynnpack_for_reductions_only(monkeypatch):
+    ynn_reductions_only = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+    assert fast_conv.compiler_options("auto") == ynn_reductions_only  # the tests run on CPU
+    assert fast_conv.compiler_options("shifted") == ynn_reductions_only
+    assert fast_conv.compiler_options("xla") == {}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert fast_conv.compiler_options("auto") == {}
+
+
+def test_an_xla_without_the_ynnpack_option_gets_no_options(monkeypatch):
+    monkeypatch.setattr(fast_conv, "_YNN_REDUCTIONS_ONLY", (("xla_cpu_no_such_option", "1"),))
+    fast_conv._has_ynn_option.cache_clear()
+    try:
+        assert fast_conv.compiler_options("auto") == {}
+    finally:
+        fast_conv._has_ynn_option.cache_clear()
 
 
 def test_unknown_path_is_refused_with_the_accepted_ones():
