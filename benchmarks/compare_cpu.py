@@ -1,7 +1,7 @@
 """JAX (each convolution path) against the PyTorch reference, on the same CPU, back to back.
 
     python benchmarks/compare_cpu.py [--model=resnet20] [--batch_size=128] [--steps=10] \
-        [--convs=xla,auto] [--rounds=1] [--threads=2]
+        [--convs=xla,auto] [--steps_per_dispatch=1] [--rounds=1] [--threads=2]
 
 Runs `train_throughput.py` once per path and `torch_resnet20.py`, each in its own process,
 one after the other, `rounds` times (interleaved, so that a change in the machine's load
@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--convs", default="xla,auto", help="comma-separated convolution paths to time")
+    p.add_argument("--steps_per_dispatch", type=int, default=1,
+                   help="JAX training steps per compiled call (PyTorch runs one step per call)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="PyTorch's threads")
     args = p.parse_args()
@@ -46,7 +48,7 @@ def main() -> None:
     common = [f"--batch_size={args.batch_size}", f"--steps={args.steps}"]
     variants = {
         f"jax_{conv}": [sys.executable, str(HERE / "train_throughput.py"), f"--model={args.model}",
-                        f"--conv={conv}", *common]
+                        f"--conv={conv}", f"--steps_per_dispatch={args.steps_per_dispatch}", *common]
         for conv in args.convs.split(",")
     }
     variants["torch"] = [sys.executable, str(HERE / "torch_resnet20.py"), f"--depth={depth}",
@@ -59,7 +61,8 @@ def main() -> None:
     print(json.dumps(dict(
         images_per_sec=medians,
         ratio_to_torch={name: rate / medians["torch"] for name, rate in medians.items()},
-        model=args.model, batch_size=args.batch_size, steps=args.steps, rounds=args.rounds,
+        model=args.model, batch_size=args.batch_size, steps=args.steps,
+        steps_per_dispatch=args.steps_per_dispatch, rounds=args.rounds,
     )), flush=True)
 
 
