@@ -7,8 +7,8 @@ For every distinct convolution shape of the CIFAR ResNets (batch 128) or of ResN
 kernel, each compiled alone with its path's `compiler_options`, on each path ("xla",
 "auto", "shifted"), both as a plain jitted function and inside a `lax.scan` body, which
 is where the training step runs them and where XLA:CPU's own gradient convolutions are
-slow. Prints one markdown row
-per layer, part and context: the median milliseconds of `reps` calls after a warm-up.
+slow. Prints one markdown row per layer, part and context: the median milliseconds of
+`reps` calls after a warm-up.
 """
 
 from __future__ import annotations

@@ -68,9 +68,9 @@ def compiler_options(path: str) -> dict[str, str]:
     On the CPU backend, "auto" and "shifted" keep YNNPACK, which XLA:CPU uses by default
     for some convolutions, matrix products and reductions, to the reductions only: there
     it is 5x faster than XLA's own code (the BN statistics), but its convolutions are
-    slower than XLA's Eigen ones (a 3x3 layer of 32 channels at 16x16, forward: 7.7 ms
-    against 4.4 ms; the ResNet-20 training step: 1.2x faster without them). Empty where
-    the option does not apply ("xla", other backends, an XLA without the option).
+    slower than XLA's Eigen ones (ResNet-20's 3x3 layer of 32 channels at 16x16, forward:
+    6.5 ms against 3.7 ms; its training step: 1.2x faster without them). Empty where the
+    option does not apply ("xla", other backends, an XLA without the option).
     """
     if conv_general_dilated_for(path) is lax.conv_general_dilated or not _has_ynn_option():
         return {}
@@ -183,7 +183,7 @@ def _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precisi
     sh * sw * C channels) with a ceil(kh / sh) x ceil(kw / sw) kernel, zero where the
     strided kernel has no tap. The gradient of that stride-1 convolution is a plain
     transposed convolution, rearranged back with depth-to-space and cropped to the input.
-    The dilated form spends most of its time on the zeros the dilation inserts: 2.7x
+    The dilated form spends most of its time on the zeros the dilation inserts: 2.5x
     slower for ResNet-20's 16 -> 32 channel downsampling layer (`benchmarks/conv_layers.py`).
     """
     (kh, kw), (sh, sw) = kernel.shape[:2], strides
