@@ -208,7 +208,8 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
         }
 
     return jax.jit(
-        step, donate_argnums=0, out_shardings=parallel.replicated, compiler_options=compiler_options(model.conv)
+        step, donate_argnums=0, out_shardings=parallel.replicated,
+        compiler_options=compiler_options(model.conv),
     )
 
 
@@ -233,7 +234,9 @@ def _compile_eval_step(model: ResNet, parallel: Parallel, batch_of: Callable, mo
         scores = scoring.class_scores(model, variables, views, mode)
         return classification_metrics(scores, labels, mask)
 
-    return jax.jit(eval_step, out_shardings=parallel.replicated, compiler_options=compiler_options(model.conv))
+    return jax.jit(
+        eval_step, out_shardings=parallel.replicated, compiler_options=compiler_options(model.conv)
+    )
 
 
 def memory_eval_inputs(data: memory.DeviceData, batch_size: int) -> list[tuple]:
