@@ -209,6 +209,21 @@ def test_training_mode_updates_batch_statistics():
     np.testing.assert_allclose(after, 0.9 * before + 0.1 * batch_mean, rtol=1e-4, atol=1e-5)
 
 
+def test_batch_norm_normalises_channels_whose_mean_dwarfs_their_spread():
+    # A stem that passes the first input channel through (the centre tap: no padding read)
+    # and inputs near 1000 with a spread of 0.1: E[x^2] - E[x]^2 loses every digit of the
+    # variance in float32; the mean squared deviation keeps it.
+    model = rj.create_model("resnet8")
+    x = 1000.0 + 0.1 * jax.random.normal(jax.random.key(15), (8, 8, 8, 3))
+    variables = model.init(jax.random.key(16), x)
+    pass_through = jnp.zeros((3, 3, 3, 16)).at[1, 1, 0, :].set(1.0)
+    params = {**variables["params"], "conv1": {"kernel": pass_through}}
+    _, state = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats", RESPONSES])
+    normalised = state[RESPONSES]["stem_response"][0]  # bn1's output: scale 1, bias 0
+    np.testing.assert_allclose(jnp.mean(normalised, axis=(0, 1, 2)), 0.0, atol=1e-2)
+    np.testing.assert_allclose(jnp.std(normalised, axis=(0, 1, 2)), 1.0, atol=2e-2)
+
+
 def test_zero_init_residual_zeroes_the_last_bn_of_each_branch():
     for name, last_bn in (("resnet8", "bn2"), ("resnet50", "bn3")):
         model = rj.create_model(name, zero_init_residual=True)
