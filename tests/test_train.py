@@ -186,7 +186,7 @@ def test_one_and_eight_devices_train_alike(data_dir, tmp_path):
     # all-reduce and the update are the same computation. Each update sums the gradient in
     # another order (per device, then across), and on this tiny batch a few last-bit
     # differences later flip a ReLU or two and grow (seen: 1.8e-4 by step 8; 9e-3 with
-    # Flax's one-pass BN variance, see models.FAST_VARIANCE), so the whole run is held to 5e-3.
+    # Flax's one-pass BN variance, see models._batch_norm), so the whole run is held to 5e-3.
     assert len(losses[0]) == 8
     np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-5)
     np.testing.assert_allclose(losses[0], losses[1], rtol=5e-3)
