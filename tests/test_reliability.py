@@ -174,11 +174,21 @@ def truncate(step_dir):
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
 
 
+def drop_half_the_item_metadata(step_dir):
+    """What a save killed part-way can leave: item metadata listing only some arrays."""
+    path = step_dir / "default" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    entries = list(metadata["tree_metadata"].items())
+    metadata["tree_metadata"] = dict(entries[: len(entries) // 2])
+    path.write_text(json.dumps(metadata))
+
+
 DAMAGE = {
     "deleted file": lambda d: [p.unlink() for p in array_files(d)],
     "truncated file": truncate,
     "flipped byte": flip_a_byte,
     "missing metadata": lambda d: (d / "_CHECKPOINT_METADATA").unlink(),
+    "partial item metadata": drop_half_the_item_metadata,
     "empty step folder": lambda d: [shutil.rmtree(d), d.mkdir()],
 }
 
