@@ -192,7 +192,9 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     """`step`'s state, placed like `abstract_state` (ShapeDtypeStructs with shardings),
-    after checking every array against the hashes recorded when it was saved."""
+    after `check_compatible` and with every array checked against the hashes recorded when
+    it was saved."""
+    check_compatible(mngr, step, abstract_state)  # also: the hashes are there
     path = Path(mngr.directory) / str(step)
     try:
         recorded = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
@@ -202,8 +204,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     except Exception as error:
         problem = f"{type(error).__name__}: {str(error)[:300]}"
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {problem}") from None
-    if not recorded:
-        raise DamagedCheckpoint(f"checkpoint {path} has no recorded content hashes (metadata missing)")
     actual = digest(state)
     for key in sorted(set(recorded) | set(actual)):
         if recorded.get(key) != actual.get(key):
@@ -218,7 +218,6 @@ def restore_latest_intact(workdir: Path, mngr: ocp.CheckpointManager, abstract_s
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
         try:
-            check_compatible(mngr, step, abstract_state)
             return step, restore(mngr, step, abstract_state)
         except DamagedCheckpoint as error:
             print(f"warning: {error}; moved to {DAMAGED_DIR}/, trying an older one", file=sys.stderr)
@@ -271,6 +270,5 @@ def load(workdir: str | Path, step: str | int | None = None):
     with manager(workdir, read_only=True) as mngr:
         chosen = resolve_step(mngr, step)
         abstract_state = abstract_train_state(config, model)
-        check_compatible(mngr, chosen, abstract_state)
         state = restore(mngr, chosen, abstract_state)
     return model, {"params": state.params, "batch_stats": state.batch_stats}, config
