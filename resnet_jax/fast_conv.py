@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax import native_conv
+
 CONV_PATHS = ("auto", "xla", "shifted")
 # Examples per weight-gradient convolution (see _weight_grad_conv).
 WEIGHT_GRAD_CHUNK = 16
@@ -123,43 +125,49 @@ def conv_general_dilated(
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    native = weight_grad == "auto" and native_conv.supported(lhs, rhs.shape[3], pads)
     shifted = weight_grad == "shifted" or rhs.shape[:2] == (1, 1)
-    return _conv(lhs, rhs, tuple(window_strides), pads, precision, shifted)
+    return _conv(lhs, rhs, tuple(window_strides), pads, precision, native, shifted)
 
 
 _AUTO = functools.partial(conv_general_dilated, weight_grad="auto")
 _SHIFTED = functools.partial(conv_general_dilated, weight_grad="shifted")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, kernel, strides, pads, precision, shifted):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv(x, kernel, strides, pads, precision, native, shifted):
+    if native:
+        return native_conv.forward(x, kernel, strides, pads)
     return lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=_CANONICAL, precision=precision
     )
 
 
-def _conv_fwd(x, kernel, strides, pads, precision, shifted):
-    return _conv(x, kernel, strides, pads, precision, shifted), (x, kernel)
+def _conv_fwd(x, kernel, strides, pads, precision, native, shifted):
+    return _conv(x, kernel, strides, pads, precision, native, shifted), (x, kernel)
 
 
-def _conv_bwd(strides, pads, precision, shifted, residuals, grad_out):
+def _conv_bwd(strides, pads, precision, native, shifted, residuals, grad_out):
     x, kernel = residuals
-    weight_grad = _weight_grad_shifted if shifted else _weight_grad_conv
-    return (
-        _input_grad(grad_out, kernel, x.shape, strides, pads, precision),
-        weight_grad(x, grad_out, kernel.shape, strides, pads, precision),
-    )
+    if native:
+        weight_grad = native_conv.weight_grad(x, grad_out, kernel.shape, strides, pads)
+    else:
+        weight_grad = (_weight_grad_shifted if shifted else _weight_grad_conv)(
+            x, grad_out, kernel.shape, strides, pads, precision
+        )
+    return _input_grad(grad_out, kernel, x.shape, strides, pads, precision, native), weight_grad
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _input_grad(grad_out, kernel, x_shape, strides, pads, precision):
+def _input_grad(grad_out, kernel, x_shape, strides, pads, precision, native):
     """The transposed convolution: the output gradient, dilated by the stride, convolved
     with the kernel flipped in space and with its in/out channel axes swapped. A strided
-    kernel larger than 1x1 goes through `_input_grad_space_to_depth` instead."""
+    kernel larger than 1x1 goes through `_input_grad_space_to_depth` instead. With
+    `native`, a stride-1 one runs on `native_conv` where it supports it."""
     if any(s > 1 for s in strides) and kernel.shape[:2] != (1, 1):
-        return _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precision)
+        return _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precision, native)
     flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
     padding = [
         # In front, k - 1 - lo: input row 0 meets the taps of the first window that read it.
@@ -169,13 +177,15 @@ def _input_grad(grad_out, kernel, x_shape, strides, pads, precision):
             kernel.shape[:2], pads, x_shape[1:3], strides, grad_out.shape[1:3], strict=True
         )
     ]
+    if native and strides == (1, 1) and native_conv.supported(grad_out, flipped.shape[3], padding):
+        return native_conv.forward(grad_out, flipped, strides, padding)
     return lax.conv_general_dilated(
         grad_out, flipped, (1, 1), padding, lhs_dilation=strides, dimension_numbers=_CANONICAL,
         precision=precision,
     )
 
 
-def _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precision):
+def _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precision, native):
     """The input gradient of a strided convolution without dilating the output gradient.
 
     A (kh, kw) kernel at stride (sh, sw) reads the padded input as a stride-1 convolution
@@ -199,7 +209,7 @@ def _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precisi
     # The blocked input rows the output reads: out_h + blocks_h - 1 (likewise columns).
     grad_blocks = _input_grad(
         grad_out, blocked, (x_shape[0], out_h + blocks_h - 1, out_w + blocks_w - 1, sh * sw * c_in),
-        (1, 1), ((0, 0), (0, 0)), precision,
+        (1, 1), ((0, 0), (0, 0)), precision, native,
     )
     batch, rows, cols = grad_blocks.shape[:3]
     grad_padded = (

@@ -8,7 +8,7 @@ from jax import lax
 
 import resnet_jax as rj
 from resnet_jax import config as config_lib
-from resnet_jax import fast_conv
+from resnet_jax import fast_conv, native_conv
 from resnet_jax.data import memory
 from resnet_jax.data.sources import Split
 from resnet_jax.parallel import data_parallel
@@ -30,6 +30,18 @@ SHAPES = [
     (2, 13, 11, 2, 3, 5, 3, ((2, 0), (1, 2))),  # stride 3: input rows no window reads
     (2, 10, 10, 3, 4, 3, 1, "VALID"),
     (19, 5, 5, 3, 4, 3, 1, ((1, 1), (1, 1))),  # a batch of one full chunk and a partial one
+    # Multiples of 16 output channels: the native kernels (`native_conv`) on "auto".
+    (4, 8, 8, 16, 16, 3, 1, ((1, 1), (1, 1))),  # ResNet-20's first stage
+    (3, 9, 7, 16, 32, 3, 2, ((1, 1), (1, 1))),  # downsampling, odd sizes
+    (2, 8, 8, 48, 64, 3, 1, ((1, 1), (1, 1))),  # tiles of 64 channels; 48 for the input gradient
+    (2, 8, 8, 32, 16, 1, 2, ((0, 0), (0, 0))),  # a strided 1x1: its input gradient stays XLA's
+    (2, 6, 6, 16, 32, 1, 1, ((0, 0), (0, 0))),
+    (2, 13, 13, 3, 16, 7, 2, ((3, 3), (3, 3))),  # the ImageNet stem, 3 input channels
+    (2, 10, 10, 16, 16, 3, 2, "SAME"),
+    (2, 13, 11, 16, 32, 5, 3, ((2, 0), (1, 2))),
+    (3, 10, 10, 32, 16, 3, 1, "VALID"),
+    (2, 6, 6, 16, 16, 3, 1, ((2, 0), (0, 2))),  # windows past one edge only
+    (2, 3, 40, 16, 16, 3, 1, ((1, 1), (1, 1))),  # a row wider than one register tile
 ]
 
 
@@ -57,6 +69,61 @@ def test_forward_and_both_gradients_equal_xla(path, shape):
     for fast, xla in zip(fast_vjp(grad_out), xla_vjp(grad_out), strict=True):
         assert fast.shape == xla.shape
         close(fast, xla)
+
+
+def native_calls(conv_fn, x, w, stride=1, padding=((1, 1), (1, 1))) -> int:
+    """How many native kernel calls the compiled forward and backward pass make."""
+    def loss(x, w):
+        return jnp.sum(conv_fn(x, w, (stride, stride), padding, dimension_numbers=NHWC) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text().count("resnet_jax_conv")
+
+
+def test_auto_runs_the_native_kernels_where_they_apply():
+    auto = fast_conv.conv_general_dilated_for("auto")
+    x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 32))
+    assert native_calls(auto, x, w) == 3  # forward, input and weight gradients
+    assert native_calls(auto, x, w, stride=2) == 3  # the input gradient after space-to-depth
+    assert native_calls(auto, x[..., :3], w[:, :, :3]) == 2  # 3 input channels: not the input gradient
+    assert native_calls(auto, x, w[..., :24]) == 0  # 24 output channels
+    assert native_calls(auto, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == 0
+    assert native_calls(auto, x, w, padding=((3, 0), (0, 3))) == 2  # the input gradient's padding < 0
+    assert native_calls(fast_conv.conv_general_dilated_for("shifted"), x, w) == 0
+
+
+def test_native_results_do_not_depend_on_thread_timing():
+    x = jax.random.normal(jax.random.key(0), (32, 16, 16, 16))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 16, 32))
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fast_conv.conv_general_dilated_for("auto")(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))), argnums=(0, 1)))
+    first = grads(x, w)
+    for _ in range(3):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, grads(x, w), first)
+
+
+def test_without_a_compiler_the_native_kernels_are_off_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent")
+    native_conv.available.cache_clear()
+    try:
+        assert not native_conv.available()
+        assert "no C++ compiler 'no-such-compiler'" in caplog.text
+        assert native_calls(fast_conv.conv_general_dilated_for("auto"), jnp.ones((2, 8, 8, 16)),
+                            jnp.ones((3, 3, 16, 16))) == 0
+    finally:
+        native_conv.available.cache_clear()
+
+
+def test_the_kernels_are_built_once_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    library = native_conv._build()
+    assert library.parent == tmp_path / "resnet_jax" and library.suffix == ".so"
+    assert [p.name for p in library.parent.iterdir()] == [library.name]  # no temporary left over
+    built_at = library.stat().st_mtime_ns
+    assert native_conv._build() == library and library.stat().st_mtime_ns == built_at
+    monkeypatch.setattr(native_conv, "FLAGS", (*native_conv.FLAGS, "-DRESNET_JAX_TEST"))
+    rebuilt = native_conv._build()
+    assert rebuilt != library and rebuilt.exists()
 
 
 def test_auto_is_xla_off_the_cpu(monkeypatch):

@@ -1,0 +1,134 @@
+"""Native CPU convolution kernels (`native/conv_cpu.cc`), called from XLA through its FFI.
+
+XLA:CPU's Eigen convolutions run ResNet's 16-channel layers at about 60% of the CPU's
+peak and its weight gradients at 40-80%; these direct kernels run them at 70-100%
+(`benchmarks/RESULTS.md`). `fast_conv` uses them on the "auto" and "shifted" paths where
+`supported` says they apply; everything else keeps XLA's own convolutions.
+
+The kernels are compiled from source the first time they are needed, with the C++
+compiler named by `$CXX` (default `g++`) for this CPU (`-march=native`), into
+`$XDG_CACHE_HOME/resnet_jax` (default `~/.cache/resnet_jax`), under a name that hashes
+the source, the flags, the compiler, JAX's FFI headers and the CPU, so a changed one is
+rebuilt rather than reused. Without a compiler, or if the build fails, the kernels are
+unavailable: a warning says why, and the fast paths run XLA's convolutions as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).parent / "native" / "conv_cpu.cc"
+FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-w")
+# The FFI targets, as the handlers are named in the source.
+_TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
+            "resnet_jax_conv_weight_grad": "ResnetJaxConvWeightGrad"}
+# Output channels come in tiles of one 16-float vector.
+CHANNEL_MULTIPLE = 16
+
+_log = logging.getLogger(__name__)
+
+
+def supported(x: jax.Array, out_channels: int, pads: Sequence[tuple[int, int]]) -> bool:
+    """Whether a native kernel computes a convolution (or weight gradient) of `x` whose
+    result has `out_channels` channels, with padding `pads`: float32, padding of zero or
+    more, on a single CPU device, with the kernels built.
+
+    Single device only: XLA cannot partition a custom call over a mesh, so on several
+    devices it would gather the whole batch onto each one.
+    """
+    return (
+        x.dtype == jnp.float32 and out_channels % CHANNEL_MULTIPLE == 0
+        and all(lo >= 0 and hi >= 0 for lo, hi in pads)
+        and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+    )
+
+
+def forward(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+            pads: Sequence[tuple[int, int]]) -> jax.Array:
+    """`lax.conv_general_dilated(x, kernel, strides, pads)` for NHWC `x`, HWIO `kernel`."""
+    out_shape = (
+        x.shape[0],
+        *((size + lo + hi - k) // s + 1
+          for size, (lo, hi), k, s in zip(x.shape[1:3], pads, kernel.shape[:2], strides, strict=True)),
+        kernel.shape[3],
+    )
+    return _call("resnet_jax_conv_forward", out_shape, x, kernel, strides, pads)
+
+
+def weight_grad(x: jax.Array, grad_out: jax.Array, kernel_shape: Sequence[int], strides: Sequence[int],
+                pads: Sequence[tuple[int, int]]) -> jax.Array:
+    """The gradient wrt the HWIO kernel of that convolution, given the output gradient."""
+    return _call("resnet_jax_conv_weight_grad", tuple(kernel_shape), x, grad_out, strides, pads)
+
+
+def _call(target: str, out_shape: tuple, a: jax.Array, b: jax.Array, strides, pads) -> jax.Array:
+    # The trailing padding is implied by the output's size.
+    (pad_h, _), (pad_w, _) = pads
+    return jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"
+    )(a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+      pad_h=np.int64(pad_h), pad_w=np.int64(pad_w))
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built (building them now if need be) and registered with XLA."""
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
+        detail = getattr(error, "stderr", "") or ""
+        _log.warning("resnet_jax: native CPU convolutions unavailable, using XLA's (%s) %s",
+                     error, detail[-2000:])
+        return False
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return True
+
+
+def _build() -> pathlib.Path:
+    """The compiled library, compiling it first if this source, compiler and CPU have none."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise FileNotFoundError(f"no C++ compiler {os.environ.get('CXX', 'g++')!r} on the PATH (set $CXX)")
+    include = jax.ffi.include_dir()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_description(),
+                 (pathlib.Path(include) / "xla" / "ffi" / "api" / "c_api.h").read_bytes()):
+        digest.update(hashlib.sha256(part).digest())
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "resnet_jax"
+    library = cache / f"conv_cpu-{digest.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    _log.info("resnet_jax: compiling the native CPU convolutions into %s", library)
+    # Built under a temporary name and renamed: concurrent processes never load half a file.
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        built = pathlib.Path(scratch) / library.name
+        subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(built)],
+                       capture_output=True, text=True, check=True)
+        os.replace(built, library)
+    return library
+
+
+def _cpu_description() -> bytes:
+    """What `-march=native` compiles for: the CPU's model and feature flags."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))})).encode()
