@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from resnet_jax import config as config_lib
+from resnet_jax import host_memory
 from resnet_jax.complexity import count_macs
 from resnet_jax.data import memory
 from resnet_jax.data.augment import normalization_stats
@@ -131,6 +132,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    host_memory.keep_freed_memory()  # as train.py does, before JAX starts its threads
     print(json.dumps(measure(parse_args(argv))), flush=True)
 
 

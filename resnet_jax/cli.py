@@ -14,7 +14,7 @@ from typing import Any
 
 import absl.logging
 
-from resnet_jax import parallel
+from resnet_jax import host_memory, parallel
 from resnet_jax.checkpoint import WorkdirError
 from resnet_jax.config import ConfigError
 from resnet_jax.data.sources import DataError
@@ -63,11 +63,17 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         raise ConfigError(str(error)) from None
 
 
+def prepare_process() -> None:
+    """What a command does first, before JAX starts its threads."""
+    host_memory.keep_freed_memory()  # see host_memory: XLA:CPU's scratch memory is reused
+    # Orbax logs routine notes (read-only managers, ...) as warnings; keep the console for ours.
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
 def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],
         parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse flags and run `main(args, overrides)`, turning user errors into messages."""
-    # Orbax logs routine notes (read-only managers, ...) as warnings; keep the console for ours.
-    absl.logging.set_verbosity(absl.logging.ERROR)
+    prepare_process()
     try:
         rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(rest)

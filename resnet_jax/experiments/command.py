@@ -24,8 +24,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import absl.logging
-
 from resnet_jax import cli
 from resnet_jax.data.sources import DATASETS
 from resnet_jax.experiments import error_tables, responses
@@ -162,8 +160,7 @@ def run_experiment(args: argparse.Namespace, overrides: list[tuple[str, str]], a
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Orbax logs routine notes (read-only managers, ...) as warnings; keep the console for ours.
-    absl.logging.set_verbosity(absl.logging.ERROR)
+    cli.prepare_process()
     try:
         rest, overrides = cli.split_overrides(argv)
         run_experiment(parser().parse_args(rest), overrides, argv)
