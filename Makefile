@@ -1,8 +1,8 @@
 # The two commands of the README's quick start, and the pieces they share.
 #   make train   set up .venv and train the paper's CIFAR-10 ResNet-20 (runs/cifar10_resnet20)
 #   make test    set up .venv and run the tests
-# REQUIRE=torch,tfds,grain,fashion_mnist makes those optional test groups install (torch,
-# tfds, grain) and fail rather than skip when they cannot run; CI passes all four.
+# REQUIRE=torch,tfds,grain,fashion_mnist,native makes those optional test groups install
+# (torch, tfds, grain) and fail rather than skip when they cannot run; CI passes all five.
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -19,6 +19,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import pathlib
 import platform
@@ -38,20 +39,25 @@ _TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
             "resnet_jax_conv_weight_grad": "ResnetJaxConvWeightGrad"}
 # Output channels come in tiles of one 16-float vector.
 CHANNEL_MULTIPLE = 16
+# The kernels stream the kernel from the L2 cache for every tile of pixels: larger ones
+# (ResNet-50's from conv4_x on) ran at or below XLA's speed (`benchmarks/RESULTS.md`).
+MAX_KERNEL_BYTES = 1 << 20
 
 _log = logging.getLogger(__name__)
 
 
-def supported(x: jax.Array, out_channels: int, pads: Sequence[tuple[int, int]]) -> bool:
-    """Whether a native kernel computes a convolution (or weight gradient) of `x` whose
-    result has `out_channels` channels, with padding `pads`: float32, padding of zero or
-    more, on a single CPU device, with the kernels built.
+def supported(x: jax.Array, kernel_shape: Sequence[int], pads: Sequence[tuple[int, int]]) -> bool:
+    """Whether the native kernels compute the convolution of `x` with an HWIO kernel of
+    `kernel_shape` and padding `pads` (and its weight gradient): float32, output channels
+    a multiple of 16, a kernel under `MAX_KERNEL_BYTES`, padding of zero or more, on a
+    single CPU device, with the kernels built.
 
     Single device only: XLA cannot partition a custom call over a mesh, so on several
     devices it would gather the whole batch onto each one.
     """
     return (
-        x.dtype == jnp.float32 and out_channels % CHANNEL_MULTIPLE == 0
+        x.dtype == jnp.float32 and kernel_shape[3] % CHANNEL_MULTIPLE == 0
+        and math.prod(kernel_shape) * x.dtype.itemsize < MAX_KERNEL_BYTES
         and all(lo >= 0 and hi >= 0 for lo, hi in pads)
         and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
     )

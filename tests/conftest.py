@@ -1,9 +1,11 @@
-"""Optional test groups (torch, tfds, grain, real Fashion-MNIST) skip where their package or data
-is missing, so `make test` runs on a fresh machine; `--require=GROUP,...` (what CI passes)
-turns any skip inside those groups into a failure, so none can go missing unnoticed."""
+"""Optional test groups (torch, tfds, grain, real Fashion-MNIST, the native CPU kernels) skip
+where their package, data or compiler is missing, so `make test` runs on a fresh machine;
+`--require=GROUP,...` (what CI passes) turns any skip inside those groups into a failure,
+so none can go missing unnoticed."""
 
 import importlib.util
 import os
+import shutil
 
 import pytest
 
@@ -21,6 +23,9 @@ OPTIONAL_GROUPS = {
     ),
     "fashion_mnist": (
         lambda: os.path.isdir(FASHION_MNIST_DIR), "apt-get install -y dataset-fashion-mnist"
+    ),
+    "native": (
+        lambda: shutil.which(os.environ.get("CXX", "g++")) is not None, "apt-get install -y g++ (or set $CXX)"
     ),
 }
 

@@ -79,19 +79,28 @@ def native_calls(conv_fn, x, w, stride=1, padding=((1, 1), (1, 1))) -> int:
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text().count("resnet_jax_conv")
 
 
-def test_auto_runs_the_native_kernels_where_they_apply():
+@pytest.fixture
+def native_kernels():
+    if not native_conv.available():
+        pytest.skip("the native CPU convolutions could not be built here (see the warning logged)")
+
+
+@pytest.mark.native
+def test_auto_runs_the_native_kernels_where_they_apply(native_kernels):
     auto = fast_conv.conv_general_dilated_for("auto")
     x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 32))
     assert native_calls(auto, x, w) == 3  # forward, input and weight gradients
     assert native_calls(auto, x, w, stride=2) == 3  # the input gradient after space-to-depth
     assert native_calls(auto, x[..., :3], w[:, :, :3]) == 2  # 3 input channels: not the input gradient
     assert native_calls(auto, x, w[..., :24]) == 0  # 24 output channels
+    assert native_calls(auto, jnp.ones((2, 4, 4, 256)), jnp.ones((1, 1, 256, 1024))) == 0  # a 1 MiB kernel
     assert native_calls(auto, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == 0
     assert native_calls(auto, x, w, padding=((3, 0), (0, 3))) == 2  # the input gradient's padding < 0
     assert native_calls(fast_conv.conv_general_dilated_for("shifted"), x, w) == 0
 
 
-def test_native_results_do_not_depend_on_thread_timing():
+@pytest.mark.native
+def test_native_results_do_not_depend_on_thread_timing(native_kernels):
     x = jax.random.normal(jax.random.key(0), (32, 16, 16, 16))
     w = jax.random.normal(jax.random.key(1), (3, 3, 16, 32))
     grads = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fast_conv.conv_general_dilated_for("auto")(
@@ -114,7 +123,8 @@ def test_without_a_compiler_the_native_kernels_are_off_with_a_warning(monkeypatc
         native_conv.available.cache_clear()
 
 
-def test_the_kernels_are_built_once_per_source_and_cpu(tmp_path, monkeypatch):
+@pytest.mark.native
+def test_the_kernels_are_built_once_per_source_and_cpu(native_kernels, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     library = native_conv._build()
     assert library.parent == tmp_path / "resnet_jax" and library.suffix == ".so"

@@ -162,21 +162,21 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* in, const fl
     // Offsets may be negative for padded windows; only in-bounds elements are read.
     const int64_t row_origin = (n * g.h + y0) * row_step;
     float* out_row = out + row * g.wo * g.o;
-    for (int64_t ob = 0; ob < g.o; ob += b * kLanes) {
-      const float* k = kernel + ob;
-      auto column = [&](int64_t x, int64_t pixels, int64_t j_lo, int64_t j_hi) {
-        const int64_t origin = row_origin + (x * g.sw - g.pw) * g.c;
-        ForwardTileFor(b, pixels)(in + origin, pixel_step, row_step, k, g.o, run, kh_lo, kh_hi,
-                                  j_lo, j_hi, out_row + x * g.o + ob);
-      };
-      for (int64_t x = first; x < last; x += tile_pixels)
-        column(x, std::min(tile_pixels, last - x), 0, run);
-      for (int64_t x = 0; x < g.wo; ++x) {
-        if (x == first) x = std::max(x, last);
-        if (x >= g.wo) break;
-        const auto [kw_lo, kw_hi] = g.Taps(x * g.sw - g.pw, g.kw, g.w);
-        column(x, 1, kw_lo * g.c, std::max(kw_lo, kw_hi) * g.c);
-      }
+    // Every output channel block of a tile before the next tile: the tile's input stays
+    // in the L1 cache while the kernel streams through (from L2 for large kernels).
+    auto column = [&](int64_t x, int64_t pixels, int64_t j_lo, int64_t j_hi) {
+      const int64_t origin = row_origin + (x * g.sw - g.pw) * g.c;
+      for (int64_t ob = 0; ob < g.o; ob += b * kLanes)
+        ForwardTileFor(b, pixels)(in + origin, pixel_step, row_step, kernel + ob, g.o, run, kh_lo,
+                                  kh_hi, j_lo, j_hi, out_row + x * g.o + ob);
+    };
+    for (int64_t x = first; x < last; x += tile_pixels)
+      column(x, std::min(tile_pixels, last - x), 0, run);
+    for (int64_t x = 0; x < g.wo; ++x) {
+      if (x == first) x = std::max(x, last);
+      if (x >= g.wo) break;
+      const auto [kw_lo, kw_hi] = g.Taps(x * g.sw - g.pw, g.kw, g.w);
+      column(x, 1, kw_lo * g.c, std::max(kw_lo, kw_hi) * g.c);
     }
   });
 }
