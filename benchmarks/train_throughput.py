@@ -1,7 +1,8 @@
 """Training throughput of the project's own training step, on synthetic device-resident data.
 
     python benchmarks/train_throughput.py --model=resnet20 --batch_size=128 --steps=10 \
-        [--dtype=float32|bfloat16] [--image_size=32] [--steps_per_dispatch=1] [--conv=auto|xla|shifted]
+        [--dtype=float32|bfloat16] [--image_size=32] [--steps_per_dispatch=1] [--conv=auto|xla|shifted] \
+        [--keep_freed_memory=true|false]
 
 What is timed is `resnet_jax.train.make_train_step`, the step `train.py` runs: gather a
 batch from a split held on the devices, normalise, pad-crop-flip, forward, backward, SGD
@@ -9,7 +10,9 @@ with momentum. Only the data are synthetic: `num_examples` random uint8 images o
 `image_size` x `image_size` x 3 with random labels, put on the devices as training puts
 CIFAR there. The config is the paper's CIFAR recipe (`cifar_recipe`) for the model; an
 ImageNet-family model keeps its 1000-class head (its parameters are built from a 32x32
-input, which a convolutional net's parameter shapes do not depend on).
+input, which a convolutional net's parameter shapes do not depend on). As in `train.py`,
+the host allocator keeps freed memory (`resnet_jax.host_memory`) unless
+`--keep_freed_memory=false`, which measures what that is worth.
 
 Printed last, one JSON line:
 - `compile_s`: tracing and XLA compilation of the step, no execution;
@@ -68,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_examples", type=int, default=0,
                    help="examples held on the devices; 0: 10 x batch_size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
+                   help="resnet_jax.host_memory.keep_freed_memory() first, as train.py does")
     args = p.parse_args(argv)
     if args.steps < 1 or args.steps % args.steps_per_dispatch:
         p.error(f"--steps={args.steps} must be a positive multiple of --steps_per_dispatch")
@@ -132,8 +137,10 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    host_memory.keep_freed_memory()  # as train.py does, before JAX starts its threads
-    print(json.dumps(measure(parse_args(argv))), flush=True)
+    args = parse_args(argv)
+    if args.keep_freed_memory == "true":
+        host_memory.keep_freed_memory()  # as train.py does, before JAX starts its threads
+    print(json.dumps(measure(args)), flush=True)
 
 
 if __name__ == "__main__":
