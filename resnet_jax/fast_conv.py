@@ -27,9 +27,10 @@ On a single CPU device, "auto" goes further: float32 convolutions whose output c
 are a multiple of 16 and whose kernel is under 1 MiB run on `native_conv`'s direct
 kernels, called through XLA's FFI, for the forward pass, the weight gradient and the
 stride-1 input gradient (that of a strided kernel too, after space-to-depth, when its
-input channels are a multiple of 16): they run ResNet-20's layers 1.2-2.8x faster than
-XLA's Eigen kernels. The rest keeps the paths above; so does everything when the kernels
-cannot be built (no C++ compiler).
+input channels are a multiple of 16). On ResNet-20's layers their weight gradients are
+1.0-2.8x as fast as XLA's Eigen kernels, their forward passes and input gradients
+0.9-1.3x. The rest keeps the paths above; so does everything when the kernels cannot be
+built (no C++ compiler).
 
 Paths (`ResNet.conv`, `create_model(..., conv=...)`):
 - "xla": `lax.conv_general_dilated` with JAX's own gradients;

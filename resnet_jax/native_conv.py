@@ -48,16 +48,16 @@ _log = logging.getLogger(__name__)
 
 def supported(x: jax.Array, kernel_shape: Sequence[int], pads: Sequence[tuple[int, int]]) -> bool:
     """Whether the native kernels compute the convolution of `x` with an HWIO kernel of
-    `kernel_shape` and padding `pads` (and its weight gradient): float32, output channels
-    a multiple of 16, a kernel under `MAX_KERNEL_BYTES`, padding of zero or more, on a
-    single CPU device, with the kernels built.
+    `kernel_shape` and padding `pads` (and its weight gradient): float32, no empty array,
+    output channels a multiple of 16, a kernel under `MAX_KERNEL_BYTES`, padding of zero
+    or more, on a single CPU device, with the kernels built.
 
     Single device only: XLA cannot partition a custom call over a mesh, so on several
     devices it would gather the whole batch onto each one.
     """
     return (
-        x.dtype == jnp.float32 and kernel_shape[3] % CHANNEL_MULTIPLE == 0
-        and math.prod(kernel_shape) * x.dtype.itemsize < MAX_KERNEL_BYTES
+        x.dtype == jnp.float32 and kernel_shape[3] % CHANNEL_MULTIPLE == 0 and x.size > 0
+        and 0 < math.prod(kernel_shape) * x.dtype.itemsize < MAX_KERNEL_BYTES
         and all(lo >= 0 and hi >= 0 for lo, hi in pads)
         and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
     )

@@ -42,6 +42,7 @@ SHAPES = [
     (3, 10, 10, 32, 16, 3, 1, "VALID"),
     (2, 6, 6, 16, 16, 3, 1, ((2, 0), (0, 2))),  # windows past one edge only
     (2, 3, 40, 16, 16, 3, 1, ((1, 1), (1, 1))),  # a row wider than one register tile
+    (19, 5, 5, 16, 16, 3, 1, ((1, 1), (1, 1))),  # the weight gradient's 16 parts, uneven
 ]
 
 
