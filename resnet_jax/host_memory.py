@@ -4,9 +4,10 @@ XLA:CPU allocates all the temporaries of one execution of a computation as a sin
 block (about 300 MB for ResNet-20's training step at batch 128), from the thread that
 runs it, and frees it at the end. glibc serves a block that large from a fresh `mmap` in
 that thread's arena and unmaps it when freed, so every step faults in and zeroes the
-block's pages anew: ~96,000 page faults per ResNet-20 step, 20% of its time on the
-project's 2-core CPU (330 -> 265 ms; `benchmarks/RESULTS.md`). PyTorch does not pay
-this: it allocates per tensor, in sizes glibc reuses.
+block's pages anew: ~96,000 page faults per ResNet-20 step. With the native convolutions
+that step takes 368-390 ms on the project's 2-core CPU, 224-241 ms without the faults
+(`benchmarks/RESULTS.md`). PyTorch does not pay this: it allocates per tensor, in sizes
+glibc reuses.
 
 `keep_freed_memory()` makes every thread allocate from glibc's main heap, never through
 `mmap`, and never trims the heap, so the next step reuses the block as it is. It is
@@ -40,4 +41,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
-    return all([mallopt(param, value) == 1 for param, value in settings])
+    applied = [mallopt(param, value) == 1 for param, value in settings]  # each, even if one fails
+    return all(applied)

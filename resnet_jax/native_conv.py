@@ -1,8 +1,9 @@
 """Native CPU convolution kernels (`native/conv_cpu.cc`), called from XLA through its FFI.
 
-XLA:CPU's Eigen convolutions run ResNet's 16-channel layers at about 60% of the CPU's
-peak and its weight gradients at 40-80%; these direct kernels run them at 70-100%
-(`benchmarks/RESULTS.md`). `fast_conv` uses them on the "auto" and "shifted" paths where
+XLA:CPU's Eigen convolutions run ResNet's 16-channel layers at about 60% of the rate
+they reach on wider ones, and weight gradients slower than forward passes; these direct
+kernels run ResNet-20's at 67-195 GFLOP/s on the project's 2-core CPU, against Eigen's
+62-175 (`benchmarks/RESULTS.md`). `fast_conv` uses them on the "auto" path where
 `supported` says they apply; everything else keeps XLA's own convolutions.
 
 The kernels are compiled from source the first time they are needed, with the C++

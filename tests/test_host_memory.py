@@ -1,5 +1,5 @@
 """host_memory.keep_freed_memory: XLA:CPU's per-execution scratch memory is reused, not
-faulted in anew on every call (which cost 20% of ResNet-20's CPU training step)."""
+faulted in anew on every call (ResNet-20's CPU training step: 368-390 -> 224-241 ms)."""
 
 import json
 import statistics
