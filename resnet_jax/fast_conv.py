@@ -30,7 +30,8 @@ stride-1 input gradient (that of a strided kernel too, after space-to-depth, whe
 input channels are a multiple of 16). On ResNet-20's layers their weight gradients are
 1.0-2.8x as fast as XLA's Eigen kernels, their forward passes and input gradients
 0.9-1.3x. The rest keeps the paths above; so does everything when the kernels cannot be
-built (no C++ compiler).
+built (no C++ compiler). The kernels have no derivative of their own: second-order
+derivatives need "xla".
 
 Paths (`ResNet.conv`, `create_model(..., conv=...)`):
 - "xla": `lax.conv_general_dilated` with JAX's own gradients;
