@@ -281,54 +281,50 @@ void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const float* in, const
 // ---------------------------------------------------------------------------------------
 // FFI handlers.
 
-ffi::Error CheckChannels(int64_t o) {
-  if (o % kLanes != 0)
-    return ffi::Error::InvalidArgument("output channels must be a multiple of 16");
-  return ffi::Error::Success();
+// Both handlers read one convolution's shapes from an NHWC input, an HWIO kernel and the
+// NHWC output (whichever of them is the result) and take the same attributes.
+Geometry GeometryOf(ffi::Span<const int64_t> in, ffi::Span<const int64_t> kernel,
+                    ffi::Span<const int64_t> out, int64_t stride_h, int64_t stride_w,
+                    int64_t pad_h, int64_t pad_w) {
+  return Geometry{in[0], in[1], in[2], in[3], kernel[0], kernel[1], kernel[3], out[1], out[2],
+                  stride_h, stride_w, pad_h, pad_w};
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, Image in,
-                       Image kernel, ImageResult out,
+ffi::Error ChannelError() {
+  return ffi::Error::InvalidArgument("output channels must be a multiple of 16");
+}
+
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<Image>()
+      .Arg<Image>()
+      .Ret<Image>()
+      .Attr<int64_t>("stride_h")
+      .Attr<int64_t>("stride_w")
+      .Attr<int64_t>("pad_h")
+      .Attr<int64_t>("pad_w");
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, Image in, Image kernel, ImageResult out,
                        int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w) {
-  const auto i = in.dimensions(), k = kernel.dimensions(), o = out->dimensions();
-  const Geometry g{i[0], i[1], i[2], i[3], k[0], k[1], k[3], o[1], o[2],
-                   stride_h, stride_w, pad_h, pad_w};
-  if (ffi::Error e = CheckChannels(g.o); e.failure()) return e;
+  const Geometry g = GeometryOf(in.dimensions(), kernel.dimensions(), out->dimensions(),
+                                stride_h, stride_w, pad_h, pad_w);
+  if (g.o % kLanes != 0) return ChannelError();
   Forward(pool, g, in.typed_data(), kernel.typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error WeightGradImpl(ffi::ThreadPool pool, Image in,
-                          Image grad, ImageResult out,
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, Image in, Image grad, ImageResult out,
                           int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w) {
-  const auto i = in.dimensions(), d = grad.dimensions(), k = out->dimensions();
-  const Geometry g{i[0], i[1], i[2], i[3], k[0], k[1], k[3], d[1], d[2],
-                   stride_h, stride_w, pad_h, pad_w};
-  if (ffi::Error e = CheckChannels(g.o); e.failure()) return e;
+  const Geometry g = GeometryOf(in.dimensions(), out->dimensions(), grad.dimensions(),
+                                stride_h, stride_w, pad_h, pad_w);
+  if (g.o % kLanes != 0) return ChannelError();
   WeightGrad(pool, g, in.typed_data(), grad.typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Image>()
-                                  .Arg<Image>()
-                                  .Ret<Image>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvWeightGrad, WeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Image>()
-                                  .Arg<Image>()
-                                  .Ret<Image>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvForward, ForwardImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvWeightGrad, WeightGradImpl, Binding());
