@@ -96,6 +96,18 @@ struct Geometry {
   std::pair<int64_t, int64_t> Taps(int64_t start, int64_t k, int64_t size) const {
     return {std::max<int64_t>(0, -start), std::min(k, size - start)};
   }
+  // Calls edge(x, j_lo, j_hi) for each output column outside InteriorColumns(), with the
+  // part [j_lo, j_hi) of a kernel row's run whose taps fall inside the input (maybe none).
+  template <typename Edge>
+  void ForEachEdgeColumn(Edge&& edge) const {
+    const auto [first, last] = InteriorColumns();
+    for (int64_t x = 0; x < wo; ++x) {
+      if (x == first) x = std::max(x, last);
+      if (x >= wo) break;
+      const auto [kw_lo, kw_hi] = Taps(x * sw - pw, kw, w);
+      edge(x, kw_lo * c, std::max(kw_lo, kw_hi) * c);
+    }
+  }
 };
 
 // ---------------------------------------------------------------------------------------
@@ -172,12 +184,7 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* in, const fl
     };
     for (int64_t x = first; x < last; x += tile_pixels)
       column(x, std::min(tile_pixels, last - x), 0, run);
-    for (int64_t x = 0; x < g.wo; ++x) {
-      if (x == first) x = std::max(x, last);
-      if (x >= g.wo) break;
-      const auto [kw_lo, kw_hi] = g.Taps(x * g.sw - g.pw, g.kw, g.w);
-      column(x, 1, kw_lo * g.c, std::max(kw_lo, kw_hi) * g.c);
-    }
+    g.ForEachEdgeColumn([&](int64_t x, int64_t j_lo, int64_t j_hi) { column(x, 1, j_lo, j_hi); });
   });
 }
 
@@ -208,19 +215,16 @@ void WeightGradTile(const Geometry& g, const float* in_image, const float* grad_
       for (int r = 0; r < R; ++r)
         for (int b = 0; b < B; ++b) acc[r][b] += v[r] * d[b];
     }
-    for (int64_t x = 0; x < g.wo; ++x) {  // edge columns: only the taps inside the input
-      if (x == first) x = std::max(x, last);
-      if (x >= g.wo) break;
-      const auto [kw_lo, kw_hi] = g.Taps(x * g.sw - g.pw, g.kw, g.w);
+    g.ForEachEdgeColumn([&](int64_t x, int64_t j_lo, int64_t j_hi) {  // only the taps inside
       Vec d[B];
       for (int b = 0; b < B; ++b) d[b] = Load(grad_row + x * g.o + b * kLanes);
       const float* v = in_row + x * pixel_step;
       for (int r = 0; r < R; ++r) {
         const int64_t j = j0 + r;
-        if (j < kw_lo * g.c || j >= kw_hi * g.c) continue;
+        if (j < j_lo || j >= j_hi) continue;
         for (int b = 0; b < B; ++b) acc[r][b] += v[r] * d[b];
       }
-    }
+    });
   }
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) Store(acc_out + r * g.o + b * kLanes, acc[r][b]);
