@@ -1,4 +1,4 @@
-"""Per-layer convolution timings of each `resnet_jax.fast_conv` path: the evidence for "auto".
+"""Per-layer convolution timings of each `resnet_jax.cpu.fast_conv` path: the evidence for "auto".
 
     python benchmarks/conv_layers.py [--layers=cifar|imagenet] [--reps=5]
 
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax import host_memory
-from resnet_jax.fast_conv import CONV_PATHS, compiler_options, conv_general_dilated_for
+from resnet_jax.cpu import allocator
+from resnet_jax.cpu.fast_conv import CONV_PATHS, compiler_options, conv_general_dilated_for
 
 # (batch, size, in channels, out channels, kernel, stride): every distinct shape.
 LAYERS = {
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--layers", default="cifar", choices=tuple(LAYERS))
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
-    host_memory.keep_freed_memory()  # as train.py does: no page faults on fresh outputs
+    allocator.keep_freed_memory()  # as train.py does: no page faults on fresh outputs
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; median ms of {args.reps} calls")
     print("| batch, size, in -> out, kernel/stride | part | context | " + " | ".join(CONV_PATHS) + " |")

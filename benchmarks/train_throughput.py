@@ -11,7 +11,7 @@ with momentum. Only the data are synthetic: `num_examples` random uint8 images o
 CIFAR there. The config is the paper's CIFAR recipe (`cifar_recipe`) for the model; an
 ImageNet-family model keeps its 1000-class head (its parameters are built from a 32x32
 input, which a convolutional net's parameter shapes do not depend on). As in `train.py`,
-the host allocator keeps freed memory (`resnet_jax.host_memory`) unless
+the host allocator keeps freed memory (`resnet_jax.cpu.allocator`) unless
 `--keep_freed_memory=false`, which measures what that is worth.
 
 Printed last, one JSON line:
@@ -43,12 +43,12 @@ import jax
 import numpy as np
 
 from resnet_jax import config as config_lib
-from resnet_jax import host_memory
 from resnet_jax.complexity import count_macs
+from resnet_jax.cpu import allocator
+from resnet_jax.cpu.fast_conv import CONV_PATHS
 from resnet_jax.data import memory
 from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.sources import Split
-from resnet_jax.fast_conv import CONV_PATHS
 from resnet_jax.models import model_spec
 from resnet_jax.parallel import data_parallel
 from resnet_jax.train import _init_state, build_model, make_train_step
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="examples held on the devices; 0: 10 x batch_size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
-                   help="resnet_jax.host_memory.keep_freed_memory() first, as train.py does")
+                   help="resnet_jax.allocator.keep_freed_memory() first, as train.py does")
     args = p.parse_args(argv)
     if args.steps < 1 or args.steps % args.steps_per_dispatch:
         p.error(f"--steps={args.steps} must be a positive multiple of --steps_per_dispatch")
@@ -139,7 +139,7 @@ def measure(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.keep_freed_memory == "true":
-        host_memory.keep_freed_memory()  # as train.py does, before JAX starts its threads
+        allocator.keep_freed_memory()  # as train.py does, before JAX starts its threads
     print(json.dumps(measure(args)), flush=True)
 
 

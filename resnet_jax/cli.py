@@ -14,9 +14,10 @@ from typing import Any
 
 import absl.logging
 
-from resnet_jax import host_memory, parallel
+from resnet_jax import parallel
 from resnet_jax.checkpoint import WorkdirError
 from resnet_jax.config import ConfigError
+from resnet_jax.cpu import allocator
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import DISTRIBUTED_MODES
 from resnet_jax.train import TrainingDiverged
@@ -65,7 +66,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 def prepare_process() -> None:
     """What a command does first, before JAX starts its threads."""
-    host_memory.keep_freed_memory()  # see host_memory: XLA:CPU's scratch memory is reused
+    allocator.keep_freed_memory()  # see cpu.allocator: XLA:CPU's scratch memory is reused
     # Orbax logs routine notes (read-only managers, ...) as warnings; keep the console for ours.
     absl.logging.set_verbosity(absl.logging.ERROR)
 

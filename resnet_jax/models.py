@@ -23,7 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.fast_conv import CONV_PATHS, conv_general_dilated_for
+from resnet_jax.cpu.fast_conv import CONV_PATHS, conv_general_dilated_for
 
 __all__ = [
     "BasicBlock",

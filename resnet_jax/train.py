@@ -28,11 +28,11 @@ import optax
 from resnet_jax import checkpoint, schedules, scoring
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs, count_params
+from resnet_jax.cpu.fast_conv import compiler_options
 from resnet_jax.data import memory, stream
 from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.image_records import STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import IMAGE_SHAPES, load_split, num_classes
-from resnet_jax.fast_conv import compiler_options
 from resnet_jax.metrics import MetricWriter, Progress, classification_metrics
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.parallel import Parallel, barrier, data_parallel

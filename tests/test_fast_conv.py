@@ -8,7 +8,7 @@ from jax import lax
 
 import resnet_jax as rj
 from resnet_jax import config as config_lib
-from resnet_jax import fast_conv, native_conv
+from resnet_jax.cpu import fast_conv, native_conv
 from resnet_jax.data import memory
 from resnet_jax.data.sources import Split
 from resnet_jax.parallel import data_parallel

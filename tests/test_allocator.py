@@ -1,4 +1,4 @@
-"""host_memory.keep_freed_memory: XLA:CPU's per-execution scratch memory is reused, not
+"""allocator.keep_freed_memory: XLA:CPU's per-execution scratch memory is reused, not
 faulted in anew on every call (ResNet-20's CPU training step: 368-390 -> 224-241 ms)."""
 
 import json
@@ -12,8 +12,8 @@ import pytest
 # whose scratch memory (tens of MB) glibc would otherwise map and unmap on every call.
 SCRIPT = """
 import json, resource, sys
-from resnet_jax import host_memory
-kept = sys.argv[1] == "keep" and host_memory.keep_freed_memory()
+from resnet_jax.cpu import allocator
+kept = sys.argv[1] == "keep" and allocator.keep_freed_memory()
 import jax, jax.numpy as jnp
 import resnet_jax as rj
 model = rj.create_model("resnet8")

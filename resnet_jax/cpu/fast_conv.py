@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import native_conv
+from resnet_jax.cpu import native_conv
 
 CONV_PATHS = ("auto", "xla", "shifted")
 # Examples per weight-gradient convolution (see _weight_grad_conv).
