@@ -51,7 +51,8 @@ from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.sources import Split
 from resnet_jax.models import model_spec
 from resnet_jax.parallel import data_parallel
-from resnet_jax.train import _init_state, build_model, make_train_step
+from resnet_jax.state import build_model, init_state
+from resnet_jax.train import make_train_step
 
 CHANNELS = 3
 # A training step counts as forward + gradient wrt inputs + gradient wrt weights, each
@@ -101,7 +102,7 @@ def measure(args: argparse.Namespace) -> dict:
     mean, std = normalization_stats(split.images, config.dataset.normalization)
     data = memory.put_on_devices(split, mean, std, parallel.replicated)
     init_key, data_key = jax.random.split(jax.random.key(args.seed))
-    state = jax.jit(lambda k: _init_state(config, model, k), out_shardings=parallel.replicated)(init_key)
+    state = jax.jit(lambda k: init_state(config, model, k), out_shardings=parallel.replicated)(init_key)
 
     start = time.perf_counter()
     train_step = make_train_step(config, model, parallel).lower(state, data, data_key).compile()

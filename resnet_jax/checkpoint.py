@@ -28,6 +28,7 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, L
 
 from resnet_jax import config as config_lib
 from resnet_jax.parallel import barrier
+from resnet_jax.state import abstract_train_state, build_model
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -262,8 +263,6 @@ def load(workdir: str | Path, step: str | int | None = None):
     a number), ready for `model.apply(variables, images, train=False)`. A damaged
     checkpoint raises `DamagedCheckpoint` naming its path.
     """
-    from resnet_jax.train import abstract_train_state, build_model  # train imports this module
-
     workdir = Path(workdir)
     config = read_config(workdir)
     model = build_model(config)

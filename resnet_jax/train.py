@@ -17,9 +17,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,75 +29,13 @@ from resnet_jax.complexity import count_macs, count_params
 from resnet_jax.cpu.fast_conv import compiler_options
 from resnet_jax.data import memory, stream
 from resnet_jax.data.augment import normalization_stats
-from resnet_jax.data.image_records import STREAMED_DATASETS, STREAMED_NUM_CLASSES
-from resnet_jax.data.sources import IMAGE_SHAPES, load_split, num_classes
+from resnet_jax.data.image_records import STREAMED_DATASETS
+from resnet_jax.data.sources import load_split
 from resnet_jax.metrics import MetricWriter, Progress, classification_metrics
-from resnet_jax.models import ResNet, create_model
+from resnet_jax.models import ResNet
 from resnet_jax.parallel import Parallel, barrier, data_parallel
 from resnet_jax.preemption import PreemptionWatcher
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-
-
-def dataset_classes(config: ml_collections.ConfigDict) -> int:
-    """The number of classes of the config's dataset (image folders': set by training)."""
-    name = config.dataset.name
-    if config.dataset.num_classes:
-        return config.dataset.num_classes
-    if name in STREAMED_NUM_CLASSES:
-        return STREAMED_NUM_CLASSES[name]
-    if name in STREAMED_DATASETS:
-        raise config_lib.ConfigError(
-            f"config.dataset.num_classes = 0 for {name}: the number of class folders, which "
-            "train_and_evaluate reads from dataset.data_dir and saves in config.json"
-        )
-    return num_classes(name)
-
-
-def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """(height, width, channels) of one training image as the network sees it."""
-    if config.dataset.name in STREAMED_DATASETS:
-        return (config.dataset.image_size, config.dataset.image_size, 3)
-    return IMAGE_SHAPES[config.dataset.name]
-
-
-def build_model(config: ml_collections.ConfigDict) -> ResNet:
-    """The network a config describes, sized for its dataset's classes."""
-    overrides = dict(
-        num_classes=dataset_classes(config),
-        dtype=jnp.dtype(config.model.dtype),
-        zero_init_residual=config.model.zero_init_residual,
-        stride_in_1x1=config.model.stride_in_1x1,
-    )
-    if config.model.shortcut:
-        overrides["shortcut"] = config.model.shortcut
-    return create_model(config.model.name, **overrides)
-
-
-def _init_state(config: ml_collections.ConfigDict, model: ResNet, key: jax.Array) -> TrainState:
-    image = jnp.zeros((1, *input_shape(config)), jnp.float32)
-    variables = model.init(key, image, train=False)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=schedules.optimizer(config).init(variables["params"]),
-    )
-
-
-def abstract_train_state(
-    config: ml_collections.ConfigDict, model: ResNet, sharding: jax.sharding.Sharding | None = None
-) -> TrainState:
-    """The state's shapes and dtypes (and placement), to restore a checkpoint into."""
-    sharding = sharding or data_parallel().replicated
-    shapes = jax.eval_shape(lambda key: _init_state(config, model, key), jax.random.key(0))
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+from resnet_jax.state import TrainState, abstract_train_state, build_model, init_state, input_shape
 
 
 def _apply_train(model: ResNet, variables: dict, images: jnp.ndarray, bn_group_size: int):
@@ -384,7 +320,7 @@ def _restore_or_init(config, model, workdir: Path, parallel: Parallel, init_key,
     mngr = checkpoint.manager(workdir, config.keep_checkpoints)
     start, state = checkpoint.restore_latest_intact(workdir, mngr, abstract_state)
     if state is None:
-        init = jax.jit(lambda k: _init_state(config, model, k), out_shardings=parallel.replicated)
+        init = jax.jit(lambda k: init_state(config, model, k), out_shardings=parallel.replicated)
         start, state = 0, init(init_key)
     return mngr, start, state
 
@@ -482,8 +418,7 @@ def train_and_evaluate(
 
 
 __all__ = [
-    "DeviceInputs", "StreamInputs", "TrainState", "TrainingDiverged", "abstract_train_state", "build_model",
-    "dataset_classes", "evaluate", "input_shape", "load_data", "make_eval_step", "make_stream_eval_step",
-    "make_stream_train_step", "make_train_step", "memory_eval_inputs", "open_inputs", "train_and_evaluate",
-    "with_dataset_classes",
+    "DeviceInputs", "StreamInputs", "TrainingDiverged", "evaluate", "load_data", "make_eval_step",
+    "make_stream_eval_step", "make_stream_train_step", "make_train_step", "memory_eval_inputs", "open_inputs",
+    "train_and_evaluate", "with_dataset_classes",
 ]

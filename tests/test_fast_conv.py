@@ -12,7 +12,8 @@ from resnet_jax.cpu import fast_conv, native_conv
 from resnet_jax.data import memory
 from resnet_jax.data.sources import Split
 from resnet_jax.parallel import data_parallel
-from resnet_jax.train import _init_state, make_train_step
+from resnet_jax.state import init_state
+from resnet_jax.train import make_train_step
 
 # What nn.Conv passes for NHWC inputs and HWIO kernels.
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
@@ -194,7 +195,7 @@ def one_train_step(conv: str):
     config.batch_size = 8
     parallel = data_parallel()
     model = rj.create_model("resnet8", conv=conv)
-    state = _init_state(config, model, jax.random.key(0))
+    state = init_state(config, model, jax.random.key(0))
     return make_train_step(config, model, parallel)(state, random_device_data(parallel), jax.random.key(1))
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import checkpoint
+from resnet_jax.state import abstract_train_state, build_model
 from resnet_jax.train import TrainingDiverged, train_and_evaluate
 from tests.fake_data import write_graded_fashion_mnist
 from tests.test_train import tiny_config
@@ -85,8 +86,6 @@ def start_and_signal(data_dir, workdir, sig, delay):
 
 def final_state(workdir):
     config = checkpoint.read_config(workdir)
-    from resnet_jax.train import abstract_train_state, build_model
-
     with checkpoint.manager(workdir, read_only=True) as mngr:
         step = max(mngr.all_steps())
         return step, checkpoint.restore(mngr, step, abstract_train_state(config, build_model(config)))

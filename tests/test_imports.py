@@ -1,0 +1,58 @@
+"""The package's imports run one way: no cycle.
+
+Read from the source with `ast`, lazy imports inside functions included: a cycle that
+is broken only by importing late is still a cycle.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "resnet_jax"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imported_modules(name: str) -> set[str]:
+    """The package's modules that `name` imports, anywhere in its source."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{name}: relative import"
+            # `from package import module` imports the module; `from module import name`, the module.
+            found.update(
+                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in MODULES else node.module
+                for alias in node.names
+            )
+    return {module for module in found if module in MODULES and module != name}
+
+
+GRAPH = {name: imported_modules(name) for name in MODULES}
+
+
+def reachable(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for module in GRAPH[todo.pop()] - seen:
+            seen.add(module)
+            todo.append(module)
+    return seen
+
+
+def test_the_graph_is_read_from_the_source():
+    assert "resnet_jax.state" in GRAPH["resnet_jax.checkpoint"]
+    assert {"resnet_jax.checkpoint", "resnet_jax.state"} <= GRAPH["resnet_jax.train"]
+    assert "resnet_jax.data.memory" in GRAPH["resnet_jax.train"]  # from resnet_jax.data import memory
+
+
+def test_no_module_imports_itself_through_others():
+    cycles = sorted(name for name in GRAPH if name in reachable(name))
+    assert not cycles, f"import cycles through: {', '.join(cycles)}"
+
