@@ -53,7 +53,9 @@ def _decay_mask(params: Any, on: str) -> Any:
 
 def optimizer(config: Any) -> optax.GradientTransformation:
     """SGD with momentum and L2 weight decay added to the gradient (as Caffe and PyTorch
-    do, so decay is scaled by the learning rate), on conv and dense kernels by default."""
+    do, so decay is scaled by the learning rate), on the parameters `weight_decay_on`
+    names: "all" (the paper's recipes, as its Caffe setup did) or "kernels" (conv and
+    dense kernels only, as most large-batch recipes since Goyal et al. 2017)."""
     return optax.chain(
         optax.add_decayed_weights(
             config.weight_decay, mask=lambda params: _decay_mask(params, config.weight_decay_on)

@@ -44,6 +44,7 @@ def test_the_paper_recipe():
     assert (config.model.name, config.dataset.name) == ("resnet20", "cifar10")
     assert (config.batch_size, config.num_train_steps, config.learning_rate) == (128, 64_000, 0.1)
     assert (config.momentum, config.weight_decay, config.lr_warmup) == (0.9, 1e-4, "none")
+    assert config.weight_decay_on == "all"  # the paper's Caffe setup decayed every parameter
     assert [round(f * 64_000) for f in config.lr_boundaries] == [32_000, 48_000]
     assert (config.dataset.augment, config.dataset.crop_padding) == ("pad_crop_flip", 4)
     assert config.dataset.normalization == "per_pixel_mean"
@@ -55,6 +56,7 @@ def test_the_paper_imagenet_recipe():
     assert config.dataset.name == "imagenet2012"
     assert (config.batch_size, config.num_train_steps, config.learning_rate) == (256, 600_000, 0.1)
     assert (config.momentum, config.weight_decay, config.lr_schedule) == (0.9, 1e-4, "piecewise")
+    assert config.weight_decay_on == "all"
     assert [round(f * 600_000) for f in config.lr_boundaries] == [150_000, 300_000]
     assert (config.dataset.augment, config.dataset.scale_range, config.dataset.image_size) == (
         "scale_crop_flip", (256, 480), 224)
@@ -70,6 +72,7 @@ def test_the_pod_recipe_scales_the_learning_rate_and_warms_up_for_five_epochs():
     assert config.lr_warmup == "linear" and config.lr_warmup_fraction * epochs == pytest.approx(5, abs=1e-3)
     assert (config.lr_schedule, config.label_smoothing, config.model.dtype) == ("cosine", 0.1, "bfloat16")
     assert config.model.zero_init_residual and config.dataset.augment == "random_resized_crop"
+    assert config.weight_decay_on == "kernels"  # Goyal et al.: BN's scales and offsets undecayed
 
 
 def test_overrides_take_the_type_of_the_key():

@@ -7,6 +7,7 @@ import pytest
 
 from resnet_jax import schedules
 from resnet_jax.config import cifar_recipe
+from resnet_jax.models import create_model
 
 
 def lr(config, step):
@@ -59,3 +60,17 @@ def test_weight_decay_reaches_the_chosen_parameters(on, decayed):
     for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
         expected = -0.1 * 1e-4 if path[-1].key in decayed else 0.0
         np.testing.assert_allclose(update, expected, rtol=1e-6)
+
+
+def test_the_paper_recipe_decays_every_parameter_of_a_net_as_caffe_did():
+    config = cifar_recipe("resnet8")
+    config.momentum = 0.0
+    params = create_model("resnet8").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    params = jax.tree_util.tree_map(lambda p: p + 0.5, params)  # biases start at 0: make them count
+    tx = schedules.optimizer(config)
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+    assert {path[-1].key for path, _ in leaves} == {"kernel", "bias", "scale"}
+    for (path, update), param in zip(leaves, jax.tree_util.tree_leaves(params), strict=True):
+        np.testing.assert_allclose(update, -0.1 * 1e-4 * param, rtol=1e-6, atol=1e-12, err_msg=str(path))
