@@ -101,6 +101,13 @@ def test_paper_numbers_sit_beside_resnets_of_the_papers_depths(tmp_path):
     assert error_tables.setting_notes(nets).count("\n\n") == 0  # the paper's setting: no caveat
 
 
+def test_the_depth_sweep_trains_no_plain_1202_as_the_paper_has_none(tmp_path):
+    nets = depth_nets(tmp_path, [20, 1202], 1, RunOptions("cifar10", None, None, None, ()))
+    assert [net.label for net in nets] == ["plain-20", "ResNet-20", "ResNet-1202"]
+    models = {run.config.model.name for net in nets for run in net.runs}
+    assert models == {"plain20", "resnet20", "resnet1202"}
+
+
 def test_repeating_the_command_reuses_the_finished_runs(depth_out, data_dir, capsys):
     out, _ = depth_out
     before = files_of(out)

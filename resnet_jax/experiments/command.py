@@ -3,7 +3,8 @@
     python -m resnet_jax.experiments NAME --out DIR [options] [--config.KEY=VALUE ...]
 
 
-    depth      plain vs ResNet at each depth (Figure 6, Table 6) -> depth.md/.json/.png
+    depth      plain vs ResNet at each depth (Figure 6, Table 6; at 1202 the ResNet only,
+               as the paper has no plain-1202) -> depth.md/.json/.png
     shortcuts  shortcut options A, B, C of ResNets (Table 3's comparison at CIFAR scale)
                -> shortcuts.md/.json/.png
     responses  std of every 3x3 layer's response (Figure 7), plain and ResNet nets

@@ -29,6 +29,9 @@ PAPER_IMAGENET_SHORTCUTS = (
     "A 25.03%, B 24.52%, C 24.19%; it uses A for every CIFAR net."
 )
 PAPER_SCHEDULE = {"dataset": "cifar10", "num_train_steps": 64_000, "batch_size": 128}
+# Depths at which the paper trains a ResNet but no plain net (ResNet-1202, Table 6): the
+# depth sweep trains the residual net alone there.
+RESNET_ONLY_DEPTHS = (1202,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +88,13 @@ def make_net(out: Path, kind: str, depth: int, seeds: int, options: RunOptions, 
 
 
 def depth_nets(out: Path, depths: list[int], seeds: int, options: RunOptions) -> list[Net]:
-    """Figure 6 and Table 6: plain and residual nets at each depth."""
-    return [make_net(out, kind, depth, seeds, options) for kind in KINDS for depth in depths]
+    """Figure 6 and Table 6: plain and residual nets at each depth (residual only at the
+    `RESNET_ONLY_DEPTHS`, as in the paper)."""
+    return [
+        make_net(out, kind, depth, seeds, options)
+        for kind in KINDS for depth in depths
+        if not (kind == "plain" and depth in RESNET_ONLY_DEPTHS)
+    ]
 
 
 def shortcut_nets(out: Path, depths: list[int], seeds: int, options: RunOptions) -> list[Net]:
