@@ -59,6 +59,7 @@ from resnet_jax.cpu import allocator
 from resnet_jax.data import augment
 from resnet_jax.data.stream import Normalization, StreamedData
 from resnet_jax.parallel import Parallel, data_parallel
+from resnet_jax.state import build_model, init_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from input_pipeline import write_jpegs  # noqa: E402  (the pipeline benchmark's JPEG folder)
@@ -206,7 +207,7 @@ def peak_memory_bytes() -> int | None:
 
 def initial_state(config, model, parallel: Parallel, key: jax.Array):
     """A fresh train state, replicated over the devices, as training initialises it."""
-    return jax.jit(lambda k: train._init_state(config, model, k), out_shardings=parallel.replicated)(key)
+    return jax.jit(lambda k: init_state(config, model, k), out_shardings=parallel.replicated)(key)
 
 
 def timed_steps(step, state, inputs_of, steps: int, warmup: int, key: jax.Array):
@@ -257,7 +258,7 @@ def synthetic_batch(config, num_classes: int, seed: int = 0) -> dict:
 def imagenet_phase(args: argparse.Namespace, parallel: Parallel, scratch: Path) -> dict:
     data_dir = write_jpegs(scratch / "images", args.stream_images, shape=args.jpeg_shape)
     config = imagenet_config(args, parallel, data_dir)
-    model = train.build_model(config)
+    model = build_model(config)
     init_key, key = jax.random.split(jax.random.key(config.seed))
     state = initial_state(config, model, parallel, init_key)
 
@@ -329,7 +330,7 @@ def cifar_phase(args: argparse.Namespace, parallel: Parallel, budget: Budget) ->
     for n in args.cifar_steps_per_dispatch:
         config = cifar_config(args, n, args.schedule_steps)
         config_lib.validate(config, parallel.num_devices)
-        model = train.build_model(config)
+        model = build_model(config)
         init_key, key = jax.random.split(jax.random.key(config.seed))
         state = initial_state(config, model, parallel, init_key)
         start = time.perf_counter()
