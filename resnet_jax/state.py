@@ -28,6 +28,8 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+    # The step where an "until_error" warm-up ended (schedules.WARMUP_NOT_ENDED: not yet).
+    lr_warmup_end: jax.Array
 
 
 def dataset_classes(config: ml_collections.ConfigDict) -> int:
@@ -66,7 +68,8 @@ def build_model(config: ml_collections.ConfigDict) -> ResNet:
 
 
 def init_state(config: ml_collections.ConfigDict, model: ResNet, key: jax.Array) -> TrainState:
-    """A fresh state: the model initialised from `key`, step 0, the optimizer's state."""
+    """A fresh state: the model initialised from `key`, step 0, the optimizer's state, the
+    warm-up not ended if it ends on the training error."""
     image = jnp.zeros((1, *input_shape(config)), jnp.float32)
     variables = model.init(key, image, train=False)
     return TrainState(
@@ -74,6 +77,7 @@ def init_state(config: ml_collections.ConfigDict, model: ResNet, key: jax.Array)
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         opt_state=schedules.optimizer(config).init(variables["params"]),
+        lr_warmup_end=jnp.int32(schedules.initial_warmup_end(config)),
     )
 
 

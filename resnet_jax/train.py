@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from resnet_jax import checkpoint, schedules, scoring
@@ -88,6 +89,7 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
     parameters of every step), and if not, the first step where they were not.
     """
     tx = schedules.optimizer(config)
+    schedule = schedules.learning_rate_schedule(config)
 
     def one_step(state: TrainState, inputs: tuple, key: jax.Array):
         images, labels = batch_of(*inputs, state.step, key)
@@ -104,8 +106,9 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
             return loss, (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(
+        opt_state = schedules.with_learning_rate(state.opt_state, schedule(state.step, state.lr_warmup_end))
+        updates, opt_state = tx.update(grads, opt_state, state.params)
+        new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
             batch_stats=batch_stats,
@@ -350,6 +353,7 @@ def train_and_evaluate(
     writer = MetricWriter(workdir, config.tensorboard)
     writer.drop_after(start)
     progress = Progress(config.num_train_steps)
+    warmup_end = int(jax.device_get(state.lr_warmup_end))
     if progress.enabled:
         print(
             f"{config.model.name}: {count_params(state.params):,} parameters, "
@@ -392,8 +396,12 @@ def train_and_evaluate(
                 values = {
                     "train_loss": sum(m["loss"].item() for m in fetched) / num_steps,
                     "train_error": sum(m["errors"].item() for m in fetched) / (num_steps * config.batch_size),
-                    "learning_rate": float(schedule(step - 1)),
+                    "learning_rate": float(schedule(step - 1, warmup_end)),
                 }
+                if schedules.warmup_ends(config, warmup_end, values["train_error"]):
+                    warmup_end = values["lr_warmup_end"] = step  # the next step runs at the main rate
+                    state = state.replace(lr_warmup_end=jax.make_array_from_process_local_data(
+                        parallel.replicated, np.int32(step)))
                 if timed_steps:
                     values["images_per_sec"] = timed_steps * config.batch_size / elapsed
                 writer.write(step, values)

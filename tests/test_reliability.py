@@ -224,7 +224,7 @@ def test_a_diverging_run_stops_naming_the_step_and_saves_nothing_non_finite(data
 
     def poisoned(config):
         schedule = paper_schedule(config)
-        return lambda step: jax.numpy.where(step >= 5, jax.numpy.nan, schedule(step))
+        return lambda step, warmup_end: jax.numpy.where(step >= 5, jax.numpy.nan, schedule(step, warmup_end))
 
     monkeypatch.setattr(schedules, "learning_rate_schedule", poisoned)
     config = tiny_config(data_dir, num_train_steps=12, log_every_steps=4, checkpoint_every_steps=4)

@@ -68,7 +68,8 @@ def run_config(model: str, seed: int, options: RunOptions, shortcut: str = "") -
     config.seed = seed
     config.model.shortcut = shortcut
     if options.steps is not None:
-        # lr_boundaries and the warm-up are fractions of the run, so they scale along.
+        # lr_boundaries are fractions of the run, so they scale along; the warm-up ends
+        # on a logged training error, whatever the length.
         config.num_train_steps = options.steps
         config.eval_every_steps = max(1, options.steps // EVALS_PER_RUN)
         config.checkpoint_every_steps = config.eval_every_steps
