@@ -1,6 +1,7 @@
 # The two commands of the README's quick start, and the pieces they share.
 #   make train   set up .venv and train the paper's CIFAR-10 ResNet-20 (runs/cifar10_resnet20)
 #   make test    set up .venv and run the tests
+#   make wheelhouse  the wheels benchmarks/device_check.py needs on a GPU machine (docs: speed)
 # REQUIRE=torch,tfds,grain,fashion_mnist,native makes those optional test groups install
 # (torch, tfds, grain) and fail rather than skip when they cannot run; CI passes all five.
 
@@ -16,7 +17,15 @@ WORKDIR ?= runs/cifar10_resnet20
 # configs that read through TFDS; 0 for configs that read local files (Fashion-MNIST).
 TFDS ?= 1
 
-.PHONY: setup train summary test lint
+# What a GPU machine's image (Python 3.12 with jax, flax, optax, orbax-checkpoint, pillow,
+# absl, etils, cloudpickle, protobuf, psutil, pyyaml) lacks to run benchmarks/device_check.py:
+# the project, ml_collections, and Grain with the two of its needs missing there; installed
+# there with `pip install --no-index --no-deps` (nothing is downloaded on that machine).
+WHEELHOUSE ?= .wheelhouse
+WHEELHOUSE_PLATFORM := --python-version 3.12 --implementation cp --abi cp312 \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+.PHONY: setup train summary test lint wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -41,3 +50,11 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+wheelhouse: setup
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python -m pip wheel -q --no-deps -w $(WHEELHOUSE) .
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: $(WHEELHOUSE_PLATFORM) -d $(WHEELHOUSE) \
+		"$(shell grep '^ml-collections' requirements.txt)" $(shell grep -o '"grain[<>=][^"]*"' pyproject.toml) \
+		array-record portpicker
+	du -sh $(WHEELHOUSE)
