@@ -1,6 +1,9 @@
 """Train a network of the paper from a config file.
 
-    python train.py --config=configs/cifar10_resnet20.py --workdir=runs/r20 [--config.KEY=VALUE ...]
+    python train.py --config=configs/cifar.py:resnet20,cifar10 --workdir=runs/r20 [--config.KEY=VALUE ...]
+
+--config is a config file defining get_config(); FILE:ARG passes ARG to get_config(ARG)
+(configs/cifar.py:MODEL[,DATASET], configs/imagenet.py:MODEL[,SHORTCUT], ...).
 
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
@@ -23,7 +26,8 @@ def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--config", required=True, help="a config file defining get_config(), e.g. configs/default.py"
+        "--config", required=True, help="a config file defining get_config(), and after ':' its argument, "
+        "e.g. configs/default.py or configs/cifar.py:resnet110,cifar10"
     )
     p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go")
     p.add_argument(

@@ -4,7 +4,7 @@
 
 Writes a folder of JPEGs of ImageNet's typical size (500x375, quality 90, smooth content
 like photographs rather than noise), then times `StreamedData.train_dataset` (the
-training pipeline of `configs/imagenet_resnet50.py`: decode with pillow, shorter side in
+training pipeline of `configs/imagenet.py:resnet50`: decode with pillow, shorter side in
 [256, 480], random 224 crop, flip, PCA lighting) through Grain with each worker count.
 Prints images/s and images/s per worker process (per core, when each worker has one).
 """

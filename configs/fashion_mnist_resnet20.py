@@ -1,7 +1,9 @@
-"""resnet20 on Fashion-MNIST, 28x28 grayscale (the CIFAR-10 recipe): the paper's CIFAR recipe (Sec. 4.2)."""
+"""ResNet-20 on Fashion-MNIST with the paper's CIFAR recipe, reading Debian's
+dataset-fashion-mnist files when installed (no download): the offline quick start, the
+same config as configs/cifar.py:resnet20,fashion_mnist."""
 
-from resnet_jax.config import cifar_recipe
+from resnet_jax.config import cifar_config
 
 
 def get_config():
-    return cifar_recipe("resnet20", "fashion_mnist")
+    return cifar_config("resnet20,fashion_mnist")

@@ -11,8 +11,10 @@ import ast
 import difflib
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -189,22 +191,141 @@ def imagenet_pod_recipe(model: str, batch_size: int, epochs: int = 90) -> ml_col
     return config
 
 
-def load(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
-    """The config that the file at `path` returns from `get_config()`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass one of configs/*.py")
-    spec = importlib.util.spec_from_file_location(f"resnet_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
+# The nets of the paper's ImageNet tables, each with the shortcut option it was trained
+# with ("" for a plain net). Table 2 (and Figure 4) compares plain and residual 18- and
+# 34-layer nets, the residual ones with option A (identity, zero-padded where the width
+# grows) on every shortcut; Table 3 compares A, B and C on ResNet-34 and trains the deeper
+# nets with B; Table 4's single models are ResNet-34 B and C and the deeper nets with B.
+PAPER_IMAGENET_NETS = {
+    "Table 2": (("plain18", ""), ("plain34", ""), ("resnet18", "A"), ("resnet34", "A")),
+    "Table 3": (("plain34", ""), ("resnet34", "A"), ("resnet34", "B"), ("resnet34", "C"),
+                ("resnet50", "B"), ("resnet101", "B"), ("resnet152", "B")),
+    "Table 4": (("resnet34", "B"), ("resnet34", "C"), ("resnet50", "B"), ("resnet101", "B"),
+                ("resnet152", "B")),
+}
+CIFAR_USAGE = "configs/cifar.py:MODEL[,DATASET]"
+IMAGENET_USAGE = "configs/imagenet.py:MODEL[,SHORTCUT]"
+IMAGENET_POD_USAGE = "configs/imagenet_pod.py:MODEL[,BATCH_SIZE]"
+
+
+def _recipe_fields(arg: str | None, usage: str, most: int) -> list[str]:
+    """The comma-separated fields of a recipe file's argument: `--config=FILE:ARG` passes
+    ARG to the file's `get_config(ARG)`, as ml_collections' config flags do."""
+    fields = [field.strip() for field in (arg or "").split(",")]
+    if not all(fields) or len(fields) > most:
+        file, _, form = usage.partition(":")
+        raise ConfigError(f"{file} takes {form} after ':' (got {arg!r}): --config={usage}")
+    return fields
+
+
+def _require_family(model: str, family: str, usage: str) -> None:
     try:
-        spec.loader.exec_module(module)
+        spec = model_spec(model)
+    except ValueError as error:
+        raise ConfigError(f"{usage}: {error}") from None
+    if spec["family"] != family:
+        other = CIFAR_USAGE if spec["family"] == "cifar" else IMAGENET_USAGE
+        raise ConfigError(f"{usage} takes a net of the {family} family, and {model} is of the "
+                          f"{spec['family']} family: use --config={other.partition(':')[0]}:{model}")
+
+
+def cifar_config(arg: str | None) -> ml_collections.ConfigDict:
+    """`configs/cifar.py:MODEL[,DATASET]`: the CIFAR recipe for a CIFAR-family net (resnetD or
+    plainD, D = 6n+2) on one of the small datasets (default cifar10)."""
+    model, dataset = (_recipe_fields(arg, CIFAR_USAGE, 2) + ["cifar10"])[:2]
+    _require_family(model, "cifar", CIFAR_USAGE)
+    _require(dataset in DATASETS, "dataset.name", dataset, f"in {CIFAR_USAGE}: {', '.join(DATASETS)}")
+    return cifar_recipe(model, dataset)
+
+
+def paper_shortcuts(model: str) -> dict[str, list[str]]:
+    """{shortcut option: the tables of `PAPER_IMAGENET_NETS` that train `model` with it}."""
+    used: dict[str, list[str]] = {}
+    for table, nets in PAPER_IMAGENET_NETS.items():
+        for name, shortcut in nets:
+            if name == model:
+                used.setdefault(shortcut, []).append(table)
+    return used
+
+
+def imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
+    """`configs/imagenet.py:MODEL[,SHORTCUT]`: the paper's ImageNet recipe for an ImageNet
+    net with the shortcut option the paper trained it with (`PAPER_IMAGENET_NETS`), or the
+    one named; ResNet-34, trained with each of A, B and C, needs it named."""
+    model, *named = _recipe_fields(arg, IMAGENET_USAGE, 2)
+    _require_family(model, "imagenet", IMAGENET_USAGE)
+    used = paper_shortcuts(model)
+    if named:
+        shortcut = named[0].upper()
+        _require(shortcut in SHORTCUTS and model_spec(model)["residual"], "model.shortcut", named[0],
+                 f"in {IMAGENET_USAGE}: A, B or C after a residual net (none after a plain one)")
+    elif len(used) == 1:
+        shortcut = next(iter(used))
+    else:
+        tables = "; ".join(f"{option} in {', '.join(names)}" for option, names in sorted(used.items()))
+        raise ConfigError(f"the paper trains {model} with several shortcut options ({tables}): "
+                          f"name one, e.g. --config=configs/imagenet.py:{model},A")
+    config = imagenet_recipe(model)
+    config.model.shortcut = shortcut
+    return config
+
+
+def imagenet_pod_config(arg: str | None) -> ml_collections.ConfigDict:
+    """`configs/imagenet_pod.py:MODEL[,BATCH_SIZE]`: the large-batch recipe (default batch 4096)."""
+    model, batch = (_recipe_fields(arg, IMAGENET_POD_USAGE, 2) + ["4096"])[:2]
+    _require_family(model, "imagenet", IMAGENET_POD_USAGE)
+    _require(batch.isdigit() and int(batch) > 0, "batch_size", batch,
+             f"in {IMAGENET_POD_USAGE}: a positive integer")
+    return imagenet_pod_recipe(model, int(batch))
+
+
+def _new_form(path: Path) -> str | None:
+    """What a config file of the one-file-per-net layout is called now, or None."""
+    cifar = re.fullmatch(r"(cifar10|cifar100|fashion_mnist)_((?:resnet|plain)\d+)\.py", path.name)
+    if cifar:
+        return f"--config={path.parent / 'cifar.py'}:{cifar.group(2)},{cifar.group(1)}"
+    if path.name == "imagenet_resnet50_pod.py":
+        return f"--config={path.parent / 'imagenet_pod.py'}:resnet50,4096"
+    imagenet = re.fullmatch(r"imagenet_((?:resnet|plain)\d+)(?:_([abc]))?\.py", path.name)
+    if not imagenet:
+        return None
+    model, option = imagenet.group(1), imagenet.group(2)
+    new = f"--config={path.parent / 'imagenet.py'}:{model}"
+    if model.startswith("plain"):
+        return new
+    if option is None:  # the old file built the ImageNet family's default, B
+        table2 = model in ("resnet18", "resnet34")
+        return f"{new},B" + (" (the paper's Table 2 trains it with option A: ,A)" if table2 else "")
+    return f"{new},{option.upper()}"
+
+
+def load(spec: str | os.PathLike[str]) -> ml_collections.ConfigDict:
+    """The config that a config file's `get_config()` returns; `FILE:ARG` returns
+    `get_config(ARG)` (ml_collections' convention: `configs/cifar.py:resnet110,cifar10`)."""
+    text, has_arg, arg = str(spec).partition(":")
+    path = Path(text)
+    if not path.is_file():
+        new = _new_form(path)
+        raise ConfigError(
+            f"config file {text!r} does not exist; "
+            + (f"configs are one file per recipe family now, and this one is {new}" if new
+               else "pass one of configs/*.py, e.g. configs/cifar.py:resnet110,cifar10")
+        )
+    module_spec = importlib.util.spec_from_file_location(f"resnet_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
-            raise ConfigError(f"config file {str(path)!r} defines no get_config()")
-        return module.get_config()
+            raise ConfigError(f"config file {text!r} defines no get_config()")
+        if not has_arg:
+            return module.get_config()
+        if not inspect.signature(module.get_config).parameters:
+            raise ConfigError(f"config file {text!r} takes no argument after ':' (got {arg!r})")
+        return module.get_config(arg)
     except ConfigError:
         raise
     except Exception as error:  # the user's file: report where, not a traceback into it
-        raise ConfigError(f"config file {str(path)!r} failed: {type(error).__name__}: {error}") from None
+        raise ConfigError(f"config file {text!r} failed: {type(error).__name__}: {error}") from None
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

@@ -8,22 +8,52 @@ import pytest
 
 from resnet_jax import config as config_lib
 from resnet_jax.config import ConfigError, apply_overrides, cifar_recipe, imagenet_recipe, validate
+from resnet_jax.state import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PAPER_CONFIGS = [f"cifar10_{kind}{d}" for kind in ("resnet", "plain") for d in (20, 32, 44, 56, 110)]
+CONFIGS = REPO_ROOT / "configs"
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+PAPER_CONFIGS = [f"cifar.py:{kind}{d},cifar10" for kind in ("resnet", "plain") for d in CIFAR_DEPTHS]
 IMAGENET_CONFIGS = [
-    *(f"imagenet_{m}" for m in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")),
-    "imagenet_plain18", "imagenet_plain34",
-    "imagenet_resnet34_a", "imagenet_resnet34_b", "imagenet_resnet34_c", "imagenet_resnet50_pod",
+    *(f"imagenet.py:{m}" for m in ("resnet18", "resnet50", "resnet101", "resnet152", "plain18", "plain34")),
+    "imagenet.py:resnet34,A", "imagenet.py:resnet34,B", "imagenet.py:resnet34,C", "imagenet.py:resnet18,B",
+    "imagenet_pod.py:resnet50", "imagenet_pod.py:resnet101,1024",
 ]
+# The paper's nets and their shortcut options ("none": a plain net), from its text: every
+# CIFAR net has option A (Sec. 4.2; Table 6, Figure 6); Table 2 / Figure 4 use A on all
+# shortcuts (Sec. 4.1); Table 3 compares A/B/C on ResNet-34 and uses B for the deeper nets,
+# as Table 4 does.
+PAPER_TABLES = {
+    "Table 6": {f"cifar.py:resnet{d},cifar10": "A" for d in (*CIFAR_DEPTHS, 1202)},
+    "Figure 6": {f"cifar.py:{kind}{d},cifar10": "A" if kind == "resnet" else "none"
+                 for kind in ("resnet", "plain") for d in CIFAR_DEPTHS},
+    "Table 2": {"imagenet.py:plain18": "none", "imagenet.py:plain34": "none",
+                "imagenet.py:resnet18": "A", "imagenet.py:resnet34,A": "A"},
+    "Table 3": {"imagenet.py:plain34": "none", "imagenet.py:resnet34,A": "A", "imagenet.py:resnet34,B": "B",
+                "imagenet.py:resnet34,C": "C", "imagenet.py:resnet50": "B", "imagenet.py:resnet101": "B",
+                "imagenet.py:resnet152": "B"},
+    "Table 4": {"imagenet.py:resnet34,B": "B", "imagenet.py:resnet34,C": "C", "imagenet.py:resnet50": "B",
+                "imagenet.py:resnet101": "B", "imagenet.py:resnet152": "B"},
+}
+
+
+def load(name):
+    return config_lib.load(f"{CONFIGS}/{name}")
+
+
+def shortcut_of(config):
+    """The shortcut option of the net a config builds ("none" for a plain net)."""
+    model = build_model(config)
+    return model.shortcut if model.residual else "none"
 
 
 @pytest.mark.parametrize(
-    "name", ["default", "cifar10_resnet1202", "fashion_mnist_resnet56", "cifar100_plain20", *PAPER_CONFIGS,
-             *IMAGENET_CONFIGS]
+    "name", ["default.py", "fashion_mnist_resnet20.py", "cifar.py:resnet1202,cifar10",
+             "cifar.py:resnet56,fashion_mnist", "cifar.py:plain20,cifar100", "cifar.py:resnet8",
+             *PAPER_CONFIGS, *IMAGENET_CONFIGS]
 )
 def test_every_config_file_loads_and_validates(name):
-    config = config_lib.load(REPO_ROOT / "configs" / f"{name}.py")
+    config = load(name)
     validate(config, num_devices=1)
     for key in (
         "model.name",
@@ -39,8 +69,66 @@ def test_every_config_file_loads_and_validates(name):
         assert key in config_lib.flat_keys(config)
 
 
+@pytest.mark.parametrize("table", PAPER_TABLES)
+def test_every_config_of_a_paper_table_has_the_papers_shortcut(table):
+    for name, shortcut in PAPER_TABLES[table].items():
+        assert shortcut_of(load(name)) == shortcut, (table, name)
+
+
+def test_the_library_lists_the_papers_imagenet_nets_with_their_shortcuts():
+    listed = {
+        table: {f"imagenet.py:{m}" + (f",{s}" if m == "resnet34" else ""): s or "none" for m, s in nets}
+        for table, nets in config_lib.PAPER_IMAGENET_NETS.items()
+    }
+    assert listed == {table: PAPER_TABLES[table] for table in ("Table 2", "Table 3", "Table 4")}
+
+
+def test_the_short_configs_are_their_recipes():
+    assert config_lib.to_dict(load("default.py")) == config_lib.to_dict(load("cifar.py:resnet20,cifar10"))
+    assert config_lib.to_dict(load("fashion_mnist_resnet20.py")) == config_lib.to_dict(
+        load("cifar.py:resnet20,fashion_mnist"))
+
+
+@pytest.mark.parametrize("old, new, shortcut", [
+    ("cifar10_resnet110.py", "cifar.py:resnet110,cifar10", "A"),
+    ("fashion_mnist_plain56.py", "cifar.py:plain56,fashion_mnist", "none"),
+    ("cifar100_resnet1202.py", "cifar.py:resnet1202,cifar100", "A"),
+    ("imagenet_resnet18.py", "imagenet.py:resnet18,B", "B"),  # what the old file built
+    ("imagenet_resnet34_a.py", "imagenet.py:resnet34,A", "A"),
+    ("imagenet_resnet152.py", "imagenet.py:resnet152,B", "B"),
+    ("imagenet_plain34.py", "imagenet.py:plain34", "none"),
+    ("imagenet_resnet50_pod.py", "imagenet_pod.py:resnet50,4096", "B"),
+])
+def test_a_config_name_of_the_old_layout_names_its_new_form(old, new, shortcut):
+    with pytest.raises(ConfigError) as error:
+        load(old)
+    assert f"--config={CONFIGS}/{new}" in str(error.value)
+    assert shortcut_of(load(new)) == shortcut
+
+
+@pytest.mark.parametrize("name, words", [
+    ("cifar.py", ["configs/cifar.py takes MODEL[,DATASET]", "got None"]),
+    ("cifar.py:resnet20,cifar10,A", ["MODEL[,DATASET]", "'resnet20,cifar10,A'"]),
+    ("cifar.py:resnet50", ["cifar family", "--config=configs/imagenet.py:resnet50"]),
+    ("cifar.py:resnet20,imagenet", ["'imagenet'", "cifar10, cifar100, mnist, fashion_mnist"]),
+    ("imagenet.py:resnet20", ["imagenet family", "--config=configs/cifar.py:resnet20"]),
+    ("imagenet.py:resnet34", ["A in Table 2, Table 3; B in Table 3, Table 4; C in Table 3, Table 4",
+                              "configs/imagenet.py:resnet34,A"]),
+    ("imagenet.py:resnet50,D", ["'D'", "A, B or C"]),
+    ("imagenet.py:plain34,A", ["'A'", "none after a plain one"]),
+    ("imagenet_pod.py:resnet50,big", ["'big'", "a positive integer"]),
+    ("default.py:resnet56", ["takes no argument after ':'", "'resnet56'"]),
+    ("nothing.py", ["does not exist", "configs/cifar.py:resnet110,cifar10"]),
+])
+def test_bad_recipe_arguments_are_named_with_what_is_accepted(name, words):
+    with pytest.raises(ConfigError) as error:
+        load(name)
+    for word in words:
+        assert word in str(error.value)
+
+
 def test_the_paper_recipe():
-    config = config_lib.load(REPO_ROOT / "configs" / "default.py")
+    config = load("default.py")
     assert (config.model.name, config.dataset.name) == ("resnet20", "cifar10")
     assert (config.batch_size, config.num_train_steps, config.learning_rate) == (128, 64_000, 0.1)
     assert (config.momentum, config.weight_decay, config.lr_warmup) == (0.9, 1e-4, "none")
@@ -51,7 +139,7 @@ def test_the_paper_recipe():
 
 
 def test_the_paper_imagenet_recipe():
-    config = config_lib.load(REPO_ROOT / "configs" / "imagenet_resnet34_a.py")
+    config = load("imagenet.py:resnet34,A")
     assert (config.model.name, config.model.shortcut) == ("resnet34", "A")
     assert config.dataset.name == "imagenet2012"
     assert (config.batch_size, config.num_train_steps, config.learning_rate) == (256, 600_000, 0.1)
@@ -65,7 +153,7 @@ def test_the_paper_imagenet_recipe():
 
 
 def test_the_pod_recipe_scales_the_learning_rate_and_warms_up_for_five_epochs():
-    config = config_lib.load(REPO_ROOT / "configs" / "imagenet_resnet50_pod.py")
+    config = load("imagenet_pod.py:resnet50")
     assert config.learning_rate == pytest.approx(0.1 * config.batch_size / 256)
     epochs = config.num_train_steps * config.batch_size / config_lib.IMAGENET_TRAIN_EXAMPLES
     assert epochs == pytest.approx(90, abs=0.01)

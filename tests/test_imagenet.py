@@ -110,7 +110,7 @@ def run(*args):
 def test_train_and_evaluate_commands_on_an_image_folder_with_the_imagenet_resnet18_config(folder, tmp_path):
     workdir = tmp_path / "resnet18"
     sizes = [f"--config.dataset.{k}={v}".replace(" ", "") for k, v in SMALL_SIZES.items()]
-    run("train.py", "--config=configs/imagenet_resnet18.py", f"--workdir={workdir}",
+    run("train.py", "--config=configs/imagenet.py:resnet18", f"--workdir={workdir}",
         "--config.dataset.name=image_folder", f"--config.dataset.data_dir={folder}",
         "--config.num_train_steps=2", "--config.batch_size=8", "--config.eval_batch_size=8",
         "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2", "--config.tensorboard=false",

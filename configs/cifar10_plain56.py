@@ -1,7 +1,0 @@
-"""plain56 on CIFAR-10: the paper's CIFAR recipe (Sec. 4.2)."""
-
-from resnet_jax.config import cifar_recipe
-
-
-def get_config():
-    return cifar_recipe("plain56", "cifar10")

@@ -1,7 +1,0 @@
-"""plain110 on Fashion-MNIST, 28x28 grayscale (the CIFAR-10 recipe): the paper's CIFAR recipe (Sec. 4.2)."""
-
-from resnet_jax.config import cifar_recipe
-
-
-def get_config():
-    return cifar_recipe("plain110", "fashion_mnist")

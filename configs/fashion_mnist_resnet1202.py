@@ -1,7 +1,0 @@
-"""resnet1202 on Fashion-MNIST, 28x28 grayscale (the CIFAR-10 recipe): the paper's CIFAR recipe (Sec. 4.2)."""
-
-from resnet_jax.config import cifar_recipe
-
-
-def get_config():
-    return cifar_recipe("resnet1202", "fashion_mnist")
