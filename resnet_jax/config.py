@@ -1,13 +1,31 @@
 """Run configurations: the paper's recipes, config files, command-line overrides, checks.
 
-A config is an `ml_collections.ConfigDict`. Files under `configs/` define `get_config()`;
+A config is an `ml_collections.ConfigDict`. Files under `configs/` define `get_config()`,
+one file per recipe family, and `FILE:ARG` passes ARG to `get_config(ARG)`
+(`configs/cifar.py:resnet110,cifar10`), as ml_collections' config flags do.
 `--config.KEY=VALUE` overrides any existing key (nested with dots), parsed as the type
 the key already has. Every check here runs before anything is compiled or written.
+
+Why overrides have their own parser rather than `ml_collections.config_flags`: config
+flags are absl flags, defined once per process for one config file, while the commands
+here are argparse programs (the experiments apply the same overrides to every run's config,
+built in code, and a run trained in a subprocess to a config read from JSON), and a user's
+mistake must end in one paragraph, exit status 2. With config flags (ml_collections 1.1)
+a mistyped top-level key ends in a traceback ending `AttributeError: "'learning_rte'"`, a
+mistyped nested key in a traceback whose KeyError suggests the name, and a wrong type in
+absl's "Flags parsing error"; here each is one `ConfigError` naming the key, the nearest
+known key, the value and the type expected. Both parse a tuple from `(a, b)` text and
+neither can set a key whose default is None (no key here has one).
+
+Keys of how a run is logged, saved or fed are marked `Logistics` where the schema defines
+them; the fingerprint (what decides that a workdir holds "the same run") and the resume
+check both read `LOGISTICS_KEYS`, which is derived from those marks.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import hashlib
 import importlib.util
@@ -37,17 +55,19 @@ IN_MEMORY_AUGMENTATIONS = ("pad_crop_flip", "none")
 STREAMED_AUGMENTATIONS = ("scale_crop_flip", "random_resized_crop", "none")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel_mean_std")
 DTYPES = ("float32", "bfloat16", "float16")
-# Keys that change how a run is logged or saved, not what it computes: a resumed run may
-# change them without being "a different run".
-LOGISTICS_KEYS = (
-    "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints",
-    "tensorboard", "dataset.data_dir", "eval_batch_size", "dataset.num_workers",
-    "dataset.prefetch_batches",
-)
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key, the value and what is accepted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Logistics:
+    """Marks a default in `_marked_schema` whose key is logistics: it changes how a run is
+    logged, saved or fed, not what it computes, so the fingerprint leaves it out and a
+    resumed run may change it. `LOGISTICS_KEYS` is read from these marks."""
+
+    default: Any
 
 
 def base_config(model: str = "resnet20", dataset: str = "cifar10") -> ml_collections.ConfigDict:
@@ -58,13 +78,26 @@ def base_config(model: str = "resnet20", dataset: str = "cifar10") -> ml_collect
     datasets read (image sizes, scale augmentation, evaluation crops) the paper's ImageNet
     sizes (Sec. 3.4); lighting is off.
     """
+    return _unmarked(_marked_schema(model, dataset))
+
+
+def _unmarked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        key: _unmarked(value) if isinstance(value, ml_collections.ConfigDict)
+        else value.default if isinstance(value, Logistics) else value
+        for key, value in config.items()
+    })
+
+
+def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_collections.ConfigDict:
+    """`base_config` with each logistics key's default wrapped in `Logistics`."""
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
         dict(name=model, shortcut="", stride_in_1x1=False, zero_init_residual=False, dtype="float32")
     )
     config.dataset = ml_collections.ConfigDict(
         dict(
-            name=dataset, data_dir="",
+            name=dataset, data_dir=Logistics(""),
             # "holdout_train" / "holdout_validation" give the paper's 45k/5k split.
             train_split="train", eval_split="test",
             augment="pad_crop_flip", crop_padding=4, normalization="per_pixel_mean",
@@ -81,11 +114,11 @@ def base_config(model: str = "resnet20", dataset: str = "cifar10") -> ml_collect
             skip_unreadable=False,
             # Decoding processes per host (-1: one per CPU core, 0: in the main process)
             # and batches kept in flight on the devices.
-            num_workers=-1, prefetch_batches=2,
+            num_workers=Logistics(-1), prefetch_batches=Logistics(2),
         )
     )
     config.batch_size = 128
-    config.eval_batch_size = 512
+    config.eval_batch_size = Logistics(512)
     config.num_train_steps = PAPER_CIFAR_STEPS
     config.learning_rate = 0.1
     config.lr_schedule = "piecewise"
@@ -106,12 +139,12 @@ def base_config(model: str = "resnet20", dataset: str = "cifar10") -> ml_collect
     # two-GPU CIFAR runs normalised over 64 examples each.
     config.bn_group_size = 0
     config.steps_per_dispatch = 1
-    config.eval_every_steps = 2000
-    config.checkpoint_every_steps = 2000
-    config.log_every_steps = 100
-    config.keep_checkpoints = 3
+    config.eval_every_steps = Logistics(2000)
+    config.checkpoint_every_steps = Logistics(2000)
+    config.log_every_steps = Logistics(100)
+    config.keep_checkpoints = Logistics(3)
     config.seed = 0
-    config.tensorboard = True
+    config.tensorboard = Logistics(True)
     return config
 
 
@@ -339,6 +372,12 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, 
     return flat
 
 
+# The keys a resumed run may change, read from the schema's marks (never listed by hand).
+LOGISTICS_KEYS = frozenset(
+    key for key, value in flat_keys(_marked_schema()).items() if isinstance(value, Logistics)
+)
+
+
 def _parse(key: str, text: str, current: Any) -> Any:
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"--config.{key}={text!r}: expected {expected} (current value {current!r})")
@@ -533,7 +572,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
     """'key: a_value != b_value' for each computing key where two configs differ."""
     fa, fb = flat_keys(a), flat_keys(b)
-    keys = sorted((set(fa) | set(fb)) - set(LOGISTICS_KEYS))
+    keys = sorted((set(fa) | set(fb)) - LOGISTICS_KEYS)
     return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
 
 

@@ -258,6 +258,33 @@ def test_a_config_json_written_before_keys_were_added_reads_back_with_their_defa
     assert restored.dataset.image_size == 224 and restored.dataset.num_workers == -1
 
 
+def _changed(value):
+    """Another value of the same type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return (*value, 1)
+    return value + 1
+
+
+def test_the_fingerprint_and_the_resume_check_leave_out_exactly_the_keys_marked_logistics():
+    assert config_lib.LOGISTICS_KEYS == {
+        "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints", "tensorboard",
+        "eval_batch_size", "dataset.data_dir", "dataset.num_workers", "dataset.prefetch_batches",
+    }
+    base = cifar_recipe("resnet20")
+    for key, value in config_lib.flat_keys(base).items():
+        changed = cifar_recipe("resnet20")
+        group, _, leaf = key.rpartition(".")
+        (changed[group] if group else changed)[leaf] = _changed(value)
+        logistics = key in config_lib.LOGISTICS_KEYS
+        assert (config_lib.fingerprint(changed) == config_lib.fingerprint(base)) == logistics, key
+        assert config_lib.differences(base, changed) == ([] if logistics else [
+            f"{key}: {value!r} != {_changed(value)!r}"]), key
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True)
 
