@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--model", default="resnet20", help="a CIFAR ResNet (resnetD, D = 6n+2)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--convs", default="xla,auto", help="comma-separated convolution paths to time")
+    p.add_argument("--convs", default="xla,auto",
+                   help="comma-separated convolution paths to time (the config's model.conv)")
     p.add_argument("--steps_per_dispatch", type=int, default=1,
                    help="JAX training steps per compiled call (PyTorch runs one step per call)")
     p.add_argument("--rounds", type=int, default=1)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax.cpu import allocator
+from resnet_jax.backend import keep_freed_memory_on_cpu
 from resnet_jax.cpu.fast_conv import CONV_PATHS, compiler_options, conv_general_dilated_for
 
 # (batch, size, in channels, out channels, kernel, stride): every distinct shape.
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--layers", default="cifar", choices=tuple(LAYERS))
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
-    allocator.keep_freed_memory()  # as train.py does: no page faults on fresh outputs
+    keep_freed_memory_on_cpu()  # as train.py does: no page faults on fresh outputs
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; median ms of {args.reps} calls")
     print("| batch, size, in -> out, kernel/stride | part | context | " + " | ".join(CONV_PATHS) + " |")

@@ -10,9 +10,10 @@ with momentum. Only the data are synthetic: `num_examples` random uint8 images o
 `image_size` x `image_size` x 3 with random labels, put on the devices as training puts
 CIFAR there. The config is the paper's CIFAR recipe (`cifar_recipe`) for the model; an
 ImageNet-family model keeps its 1000-class head (its parameters are built from a 32x32
-input, which a convolutional net's parameter shapes do not depend on). As in `train.py`,
-the host allocator keeps freed memory (`resnet_jax.cpu.allocator`) unless
-`--keep_freed_memory=false`, which measures what that is worth.
+input, which a convolutional net's parameter shapes do not depend on). `--conv` is the
+config's `model.conv` (the convolution path on the CPU backend; ignored elsewhere). As in
+`train.py`, on the CPU the host allocator keeps freed memory (`resnet_jax.cpu.allocator`)
+unless `--keep_freed_memory=false`, which measures what that is worth.
 
 Printed last, one JSON line:
 - `compile_s`: tracing and XLA compilation of the step, no execution;
@@ -42,9 +43,9 @@ import time
 import jax
 import numpy as np
 
+from resnet_jax import backend
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs
-from resnet_jax.cpu import allocator
 from resnet_jax.cpu.fast_conv import CONV_PATHS
 from resnet_jax.data import memory
 from resnet_jax.data.augment import normalization_stats
@@ -68,12 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=config_lib.DTYPES, help="computation dtype")
     p.add_argument("--image_size", type=int, default=32, help="height and width of the synthetic images")
     p.add_argument("--steps_per_dispatch", type=int, default=1, help="training steps per compiled call")
-    p.add_argument("--conv", default="auto", choices=CONV_PATHS, help="convolution path (models.ResNet.conv)")
+    p.add_argument("--conv", default="auto", choices=CONV_PATHS,
+                   help="the config's model.conv: the convolution path on the CPU")
     p.add_argument("--num_examples", type=int, default=0,
                    help="examples held on the devices; 0: 10 x batch_size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
-                   help="resnet_jax.allocator.keep_freed_memory() first, as train.py does")
+                   help="on the CPU, resnet_jax.cpu.allocator.keep_freed_memory() first, as train.py does")
     args = p.parse_args(argv)
     if args.steps < 1 or args.steps % args.steps_per_dispatch:
         p.error(f"--steps={args.steps} must be a positive multiple of --steps_per_dispatch")
@@ -93,8 +95,9 @@ def measure(args: argparse.Namespace) -> dict:
     config.batch_size = args.batch_size
     config.steps_per_dispatch = args.steps_per_dispatch
     config.model.dtype = args.dtype
+    config.model.conv = args.conv
     config_lib.validate(config, parallel.num_devices)
-    model = build_model(config).clone(conv=args.conv, num_classes=model_spec(args.model)["num_classes"])
+    model = build_model(config).clone(num_classes=model_spec(args.model)["num_classes"])
 
     split = synthetic_split(args.num_examples or 10 * args.batch_size, args.image_size, model.num_classes,
                             args.seed)
@@ -140,7 +143,7 @@ def measure(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.keep_freed_memory == "true":
-        allocator.keep_freed_memory()  # as train.py does, before JAX starts its threads
+        backend.keep_freed_memory_on_cpu()  # as train.py does, before JAX starts its threads
     print(json.dumps(measure(args)), flush=True)
 
 

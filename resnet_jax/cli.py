@@ -14,10 +14,9 @@ from typing import Any
 
 import absl.logging
 
-from resnet_jax import parallel
+from resnet_jax import backend, parallel
 from resnet_jax.checkpoint import WorkdirError
 from resnet_jax.config import ConfigError
-from resnet_jax.cpu import allocator
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import DISTRIBUTED_MODES
 from resnet_jax.train import TrainingDiverged
@@ -66,7 +65,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 def prepare_process() -> None:
     """What a command does first, before JAX starts its threads."""
-    allocator.keep_freed_memory()  # see cpu.allocator: XLA:CPU's scratch memory is reused
+    backend.keep_freed_memory_on_cpu()  # see cpu.allocator: XLA:CPU's scratch memory is reused
     # Orbax logs routine notes (read-only managers, ...) as warnings; keep the console for ours.
     absl.logging.set_verbosity(absl.logging.ERROR)
 

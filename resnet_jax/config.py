@@ -17,7 +17,7 @@ absl's "Flags parsing error"; here each is one `ConfigError` naming the key, the
 known key, the value and the type expected. Both parse a tuple from `(a, b)` text and
 neither can set a key whose default is None (no key here has one).
 
-Keys of how a run is logged, saved or fed are marked `Logistics` where the schema defines
+Keys of how a run is logged, saved, fed or run on the CPU are marked `Logistics` where the schema defines
 them; the fingerprint (what decides that a workdir holds "the same run") and the resume
 check both read `LOGISTICS_KEYS`, which is derived from those marks.
 """
@@ -39,6 +39,7 @@ from typing import Any
 
 import ml_collections
 
+from resnet_jax.cpu.fast_conv import CONV_PATHS
 from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import DATASETS, SPLITS, num_classes
 from resnet_jax.models import SHORTCUTS, model_spec
@@ -64,7 +65,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Logistics:
     """Marks a default in `_marked_schema` whose key is logistics: it changes how a run is
-    logged, saved or fed, not what it computes, so the fingerprint leaves it out and a
+    logged, saved, fed or run on the CPU, not what it computes, so the fingerprint leaves it out and a
     resumed run may change it. `LOGISTICS_KEYS` is read from these marks."""
 
     default: Any
@@ -93,7 +94,12 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
     """`base_config` with each logistics key's default wrapped in `Logistics`."""
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
-        dict(name=model, shortcut="", stride_in_1x1=False, zero_init_residual=False, dtype="float32")
+        dict(
+            name=model, shortcut="", stride_in_1x1=False, zero_init_residual=False, dtype="float32",
+            # On the CPU backend only: how convolutions and their gradients run (see
+            # resnet_jax/cpu/fast_conv.py); the same results to float rounding on each path.
+            conv=Logistics("auto"),
+        )
     )
     config.dataset = ml_collections.ConfigDict(
         dict(
@@ -462,6 +468,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(not (config.model.zero_init_residual and not spec["residual"]),
              "model.zero_init_residual", True, "False for a plain net")
     _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, " or ".join(DTYPES))
+    _require(config.model.conv in CONV_PATHS, "model.conv", config.model.conv,
+             f"{', '.join(CONV_PATHS)} (the convolution path on the CPU backend; ignored on GPU and TPU)")
     _check_dataset(config.dataset)
     _require(config.dataset.name in DATASETS or config.steps_per_dispatch == 1, "steps_per_dispatch",
              config.steps_per_dispatch, "1 for a streamed dataset (each step gets its batch from the host)")

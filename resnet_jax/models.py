@@ -11,6 +11,11 @@ Layout conventions, shared with `convert.py` and the rest of the package:
   `conv1/bn1 ... conv3/bn3` and, for projections, `shortcut_conv/shortcut_bn`; `fc`;
 - every convolution pads like torchvision (3x3 by 1, 7x7 by 3), not with XLA's 'SAME',
   whose stride-2 windows start one pixel later and would break weight conversion.
+
+The convolution is a module argument, as in Flax's own examples: `conv` builds each
+convolution layer and takes `nn.Conv`'s arguments (default: `nn.Conv` itself). Training
+passes `nn.Conv` with a faster `conv_general_dilated` on the CPU backend; the layers'
+parameters are the same whichever it is, and nothing here depends on it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-
-from resnet_jax.cpu.fast_conv import CONV_PATHS, conv_general_dilated_for
 
 __all__ = [
     "BasicBlock",
@@ -43,10 +46,17 @@ OUTPUTS = ("logits", "spatial_logits", "stages")
 
 # He et al. (2015) initialisation, as torchvision's kaiming_normal_(mode='fan_out').
 he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# What builds a layer: a module class, or a functools.partial of one with some arguments set.
+ModuleDef = Any
 
 
-def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    return ((kernel // 2, kernel // 2),) * 2
+def _conv(conv: ModuleDef, features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.Module:
+    """Every convolution of these nets: square, no bias (BN follows), He-initialised,
+    padded like torchvision."""
+    return conv(
+        features, (kernel, kernel), (strides, strides), padding=((kernel // 2, kernel // 2),) * 2,
+        use_bias=False, kernel_init=he_normal, dtype=dtype, name=name,
+    )
 
 
 def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any, name: str,
@@ -86,16 +96,12 @@ class _Block(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
-    conv_path: str = "auto"  # ResNet.conv (here `conv` names the method below)
+    conv: ModuleDef = nn.Conv  # builds each convolution layer (see the module's docstring)
 
     expansion = 1
 
-    def conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Conv:
-        return nn.Conv(
-            features, (kernel, kernel), (strides, strides), padding=_pad(kernel),
-            use_bias=False, kernel_init=he_normal, dtype=self.dtype, name=name,
-            conv_general_dilated=conv_general_dilated_for(self.conv_path),
-        )
+    def conv_layer(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
+        return _conv(self.conv, features, kernel, strides, self.dtype, name)
 
     def norm(self, train: bool, name: str, zero_scale: bool = False) -> nn.BatchNorm:
         return _batch_norm(
@@ -109,7 +115,7 @@ class _Block(nn.Module):
             return residual
         shape_changes = self.strides != 1 or x.shape[-1] != out_features
         if self.shortcut == "C" or (self.shortcut == "B" and shape_changes):
-            x = self.conv(out_features, 1, self.strides, "shortcut_conv")(x)
+            x = self.conv_layer(out_features, 1, self.strides, "shortcut_conv")(x)
             x = self.norm(train, "shortcut_bn")(x)
         elif shape_changes:
             x = shortcut_a(x, out_features, self.strides)
@@ -126,9 +132,9 @@ class BasicBlock(_Block):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        y = self.conv(self.features, 3, self.strides, "conv1")(x)
+        y = self.conv_layer(self.features, 3, self.strides, "conv1")(x)
         y = nn.relu(self.respond(self.norm(train, "bn1")(y)))
-        y = self.conv(self.features, 3, 1, "conv2")(y)
+        y = self.conv_layer(self.features, 3, 1, "conv2")(y)
         y = self.respond(self.norm(train, "bn2", self.zero_init_residual)(y))
         return nn.relu(self.add_shortcut(x, y, train))
 
@@ -145,11 +151,11 @@ class BottleneckBlock(_Block):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         stride_1x1, stride_3x3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
-        y = self.conv(self.features, 1, stride_1x1, "conv1")(x)
+        y = self.conv_layer(self.features, 1, stride_1x1, "conv1")(x)
         y = nn.relu(self.norm(train, "bn1")(y))
-        y = self.conv(self.features, 3, stride_3x3, "conv2")(y)
+        y = self.conv_layer(self.features, 3, stride_3x3, "conv2")(y)
         y = nn.relu(self.respond(self.norm(train, "bn2")(y)))
-        y = self.conv(self.features * self.expansion, 1, 1, "conv3")(y)
+        y = self.conv_layer(self.features * self.expansion, 1, 1, "conv3")(y)
         y = self.norm(train, "bn3", self.zero_init_residual)(y)
         return nn.relu(self.add_shortcut(x, y, train))
 
@@ -181,11 +187,11 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
-    conv: str = "auto"  # how convolutions and their gradients are computed: fast_conv.CONV_PATHS
+    conv: ModuleDef = nn.Conv  # builds each convolution layer (see the module's docstring)
 
     def __post_init__(self):
         _check_choice("block", self.block, tuple(BLOCKS))
-        _check_choice("conv", self.conv, CONV_PATHS)
+        _check_conv(self.conv)
         _check_choice("stem", self.stem, STEMS)
         _check_choice("shortcut", self.shortcut, SHORTCUTS)
         if len(self.widths) != len(self.stage_sizes):
@@ -204,21 +210,14 @@ class ResNet(nn.Module):
         _check_choice("output", output, OUTPUTS)
         block_cls = BLOCKS[self.block]
         x = jnp.asarray(x, self.dtype)
-        conv = nn.Conv(
-            16 if self.stem == "cifar" else 64,
-            (3, 3) if self.stem == "cifar" else (7, 7),
-            (1, 1) if self.stem == "cifar" else (2, 2),
-            padding=_pad(3 if self.stem == "cifar" else 7),
-            use_bias=False, kernel_init=he_normal, dtype=self.dtype, name="conv1",
-            conv_general_dilated=conv_general_dilated_for(self.conv),
-        )
-        x = conv(x)
+        features, kernel, strides = (16, 3, 1) if self.stem == "cifar" else (64, 7, 2)
+        x = _conv(self.conv, features, kernel, strides, self.dtype, "conv1")(x)
         x = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype, "bn1")(x)
         if self.stem == "cifar":
             self.sow(RESPONSES, "stem_response", x)  # the CIFAR stem is a 3x3 layer too
         x = nn.relu(x)
         if self.stem == "imagenet":
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         stages = {}
         for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
@@ -232,7 +231,7 @@ class ResNet(nn.Module):
                     bn_momentum=self.bn_momentum,
                     bn_epsilon=self.bn_epsilon,
                     dtype=self.dtype,
-                    conv_path=self.conv,
+                    conv=self.conv,
                     name=f"conv{i + 2}_{j + 1}",
                 )(x, train)
             stages[f"conv{i + 2}_x"] = x
@@ -248,6 +247,18 @@ class ResNet(nn.Module):
 def _check_choice(field: str, value: Any, accepted: tuple) -> None:
     if value not in accepted:
         raise ValueError(f"{field}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
+
+
+def _check_conv(conv: Any) -> None:
+    if isinstance(conv, str):
+        raise ValueError(
+            f"conv={conv!r}: the model no longer takes a convolution path by name; it takes the "
+            "convolution module itself (conv=nn.Conv, the default, or functools.partial(nn.Conv, "
+            "conv_general_dilated=...)). Training chooses its CPU path with the config key "
+            f"model.conv (--config.model.conv={conv})."
+        )
+    if not callable(conv):
+        raise ValueError(f"conv={conv!r} is not a module: expected nn.Conv or a callable that builds one")
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,7 +326,7 @@ def create_model(name: str, **overrides: Any) -> ResNet:
 
     Overrides are any `ResNet` field: `num_classes`, `dtype`, `shortcut` ("A", "B", "C"),
     `stride_in_1x1` (v1 bottlenecks), `zero_init_residual`, `bn_momentum`, `bn_epsilon`,
-    `conv` ("auto", "xla", "shifted": how convolution gradients are computed; see fast_conv).
+    `conv` (what builds each convolution layer: `nn.Conv` by default).
     Plain nets have no shortcut, so a `shortcut` override is refused for them.
     """
     spec = model_spec(name)

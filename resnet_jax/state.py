@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from resnet_jax import schedules
+from resnet_jax import backend, schedules
 from resnet_jax.config import ConfigError
 from resnet_jax.data.image_records import STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import IMAGE_SHAPES, num_classes
@@ -55,8 +55,10 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def build_model(config: ml_collections.ConfigDict) -> ResNet:
-    """The network a config describes, sized for its dataset's classes."""
+    """The network a config describes, sized for its dataset's classes, its convolutions
+    on the config's CPU path (`backend.conv_module`)."""
     overrides = dict(
+        conv=backend.conv_module(config.model.conv),
         num_classes=dataset_classes(config),
         dtype=jnp.dtype(config.model.dtype),
         zero_init_residual=config.model.zero_init_residual,

@@ -24,10 +24,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import checkpoint, schedules, scoring
+from resnet_jax import backend, checkpoint, schedules, scoring
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs, count_params
-from resnet_jax.cpu.fast_conv import compiler_options
 from resnet_jax.data import memory, stream
 from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.image_records import STREAMED_DATASETS
@@ -148,25 +147,28 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
 
     return jax.jit(
         step, donate_argnums=0, out_shardings=parallel.replicated,
-        compiler_options=compiler_options(model.conv),
+        compiler_options=backend.compiler_options(config.model.conv),
     )
 
 
-def make_eval_step(model: ResNet, batch_size: int, parallel: Parallel):
-    """`eval_step(variables, data, index) -> sums` over eval batch `index` of a dataset on
-    the devices (padding masked)."""
-    return _compile_eval_step(
-        model, parallel, lambda data, index: memory.eval_batch(data, index, batch_size), "center"
-    )
+def make_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel):
+    """`eval_step(variables, data, index) -> sums` over eval batch `index` (of
+    `eval_batch_size` examples) of a dataset on the devices (padding masked)."""
+    def batch_of(data: memory.DeviceData, index: jax.Array):
+        return memory.eval_batch(data, index, config.eval_batch_size)
+
+    return _compile_eval_step(config, model, parallel, batch_of, "center")
 
 
-def make_stream_eval_step(model: ResNet, parallel: Parallel, mode: str = "center"):
+def make_stream_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel,
+                          mode: str = "center"):
     """`eval_step(variables, batch, normalization) -> sums` over a streamed batch of `mode`
     views (`scoring.MODES`), padding masked."""
-    return _compile_eval_step(model, parallel, stream.eval_views, mode)
+    return _compile_eval_step(config, model, parallel, stream.eval_views, mode)
 
 
-def _compile_eval_step(model: ResNet, parallel: Parallel, batch_of: Callable, mode: str):
+def _compile_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel,
+                       batch_of: Callable, mode: str):
     def eval_step(variables: dict, *inputs):
         views, labels, mask = batch_of(*inputs)
         views = jax.tree_util.tree_map(lambda v: jax.lax.with_sharding_constraint(v, parallel.batch), views)
@@ -174,7 +176,8 @@ def _compile_eval_step(model: ResNet, parallel: Parallel, batch_of: Callable, mo
         return classification_metrics(scores, labels, mask)
 
     return jax.jit(
-        eval_step, out_shardings=parallel.replicated, compiler_options=compiler_options(model.conv)
+        eval_step, out_shardings=parallel.replicated,
+        compiler_options=backend.compiler_options(config.model.conv),
     )
 
 
@@ -233,7 +236,7 @@ class DeviceInputs:
         return make_train_step(self.config, model, self.parallel)
 
     def eval_step(self, model: ResNet, mode: str):
-        return make_eval_step(model, self.config.eval_batch_size, self.parallel)
+        return make_eval_step(self.config, model, self.parallel)
 
     def train_batches(self, start_step: int):
         return contextlib.nullcontext(itertools.repeat((self.data["train"],)))
@@ -257,7 +260,7 @@ class StreamInputs:
         return make_stream_train_step(self.config, model, self.parallel)
 
     def eval_step(self, model: ResNet, mode: str):
-        return make_stream_eval_step(model, self.parallel, mode)
+        return make_stream_eval_step(self.config, model, self.parallel, mode)
 
     def train_batches(self, start_step: int):
         return self.data.train_batches(start_step)

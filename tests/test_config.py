@@ -200,6 +200,7 @@ def test_bad_overrides_are_named(key, value, words):
     [
         ({"model.name": "resnet21"}, ["model.name", "6n+2"]),
         ({"model.shortcut": "D"}, ["model.shortcut", "'D'", "'A', 'B' or 'C'"]),
+        ({"model.conv": "native"}, ["model.conv", "'native'", "auto, xla, shifted", "CPU backend"]),
         ({"dataset.name": "imagenet"}, ["dataset.name", "cifar10, cifar100, mnist, fashion_mnist"]),
         ({"batch_size": 100}, ["batch_size", "100", "multiple of the device count (8)"]),
         ({"learning_rate": -0.1}, ["learning_rate", "(0, 10]"]),
@@ -273,6 +274,7 @@ def test_the_fingerprint_and_the_resume_check_leave_out_exactly_the_keys_marked_
     assert config_lib.LOGISTICS_KEYS == {
         "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints", "tensorboard",
         "eval_batch_size", "dataset.data_dir", "dataset.num_workers", "dataset.prefetch_batches",
+        "model.conv",  # the CPU's convolution path: the same results to float rounding on each
     }
     base = cifar_recipe("resnet20")
     for key, value in config_lib.flat_keys(base).items():

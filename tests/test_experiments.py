@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint
+from resnet_jax import backend, checkpoint
 from resnet_jax.complexity import count_params
 from resnet_jax.data.augment import normalization_stats, normalize
 from resnet_jax.data.sources import load_split
@@ -144,7 +144,7 @@ def test_responses_equal_a_direct_computation_from_the_model(depth_out, data_dir
     raw = load_split("fashion_mnist", "test", data_dir).images[:45]
     images = normalize(jnp.asarray(raw), mean, std)
     for net in record["nets"]:
-        model, variables, _ = checkpoint.load(out / net["workdir"])
+        model, variables, config = checkpoint.load(out / net["workdir"])
         _, state = model.apply(variables, images, train=False, mutable=[RESPONSES])
         sown = state[RESPONSES]
         expected = [sown["stem_response"][0]] + [
@@ -155,7 +155,8 @@ def test_responses_equal_a_direct_computation_from_the_model(depth_out, data_dir
         direct = [np.std(np.asarray(response, np.float64)) for response in expected]
         assert net["std"] == pytest.approx(direct, rel=1e-4)
         # Batches of 16, 16 and 13 images, combined, give the same stds as one batch.
-        _, batched = responses.response_stds(model, variables, raw, mean, std, batch_size=16)
+        _, batched = responses.response_stds(model, variables, raw, mean, std, batch_size=16,
+                                             compiler_options=backend.compiler_options(config.model.conv))
         assert batched == pytest.approx(direct, rel=1e-4)
         assert net["std_sorted"] == sorted(net["std"], reverse=True)
     assert [net["net"] for net in record["nets"]] == ["plain-8", "ResNet-8"]

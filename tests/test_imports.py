@@ -1,4 +1,4 @@
-"""The package's imports run one way: no cycle.
+"""The package's imports run one way: no cycle, and the models stand alone.
 
 Read from the source with `ast`, lazy imports inside functions included: a cycle that
 is broken only by importing late is still a cycle.
@@ -56,3 +56,11 @@ def test_no_module_imports_itself_through_others():
     cycles = sorted(name for name in GRAPH if name in reachable(name))
     assert not cycles, f"import cycles through: {', '.join(cycles)}"
 
+
+
+def test_the_models_import_no_cpu_code_data_training_or_checkpoints():
+    forbidden = ("resnet_jax.cpu", "resnet_jax.data", "resnet_jax.train", "resnet_jax.checkpoint",
+                 "resnet_jax.state")
+    for models in ("resnet_jax.models", "resnet_jax"):  # `import resnet_jax` runs the package's __init__
+        reached = reachable(models)
+        assert not [m for m in reached if any(m == f or m.startswith(f + ".") for f in forbidden)], reached

@@ -1,5 +1,6 @@
 """The paper's networks: sizes, costs, shortcut semantics, options and errors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,6 +267,10 @@ def test_named_models_and_defaults():
         (lambda: rj.create_model("plain20", shortcut="B"), ["plain", "shortcut"]),
         (lambda: rj.create_model("resnet20", num_clases=10), ["num_clases", "num_classes"]),
         (lambda: rj.create_model("plain20", zero_init_residual=True), ["zero_init_residual"]),
+        # The paths by name belong to training's config now; a model takes the module.
+        (lambda: rj.create_model("resnet20", conv="xla"), ["conv='xla'", "nn.Conv", "model.conv"]),
+        (lambda: rj.ResNet((1, 1), conv="auto"), ["conv='auto'", "nn.Conv", "--config.model.conv=auto"]),
+        (lambda: rj.create_model("resnet20", conv=3), ["conv=3", "nn.Conv"]),
     ],
 )
 def test_bad_arguments_name_the_value_and_the_choices(call, words):
@@ -273,6 +278,23 @@ def test_bad_arguments_name_the_value_and_the_choices(call, words):
         call()
     for word in words:
         assert word in str(error.value)
+
+
+def test_every_convolution_is_built_by_the_conv_module():
+    calls = []
+
+    def recording_conv(*args, **kwargs):
+        calls.append(kwargs["name"])
+        return nn.Conv(*args, **kwargs)
+
+    x = jnp.zeros((1, 16, 16, 3))
+    for name, convolutions in (("resnet8", 7), ("resnet18", 1 + 8 * 2 + 3)):  # stem, blocks, projections
+        model = rj.create_model(name, conv=recording_conv)
+        calls.clear()
+        jax.eval_shape(model.init, jax.random.key(0), x)
+        assert len(calls) == convolutions, calls
+        plain = jax.eval_shape(rj.create_model(name).init, jax.random.key(0), x)
+        assert jax.eval_shape(model.init, jax.random.key(0), x) == plain  # the same layers
 
 
 def test_bad_output_is_refused():

@@ -33,7 +33,8 @@ input channels are a multiple of 16). On ResNet-20's layers their weight gradien
 built (no C++ compiler). The kernels have no derivative of their own: second-order
 derivatives need "xla".
 
-Paths (`ResNet.conv`, `create_model(..., conv=...)`):
+Paths (the config key `model.conv`; training gives the model `nn.Conv` with the path's
+function on the CPU backend, see `resnet_jax/backend.py`):
 - "xla": `lax.conv_general_dilated` with JAX's own gradients;
 - "shifted": the custom gradients, every weight gradient as shifted einsums, no native
   kernels;

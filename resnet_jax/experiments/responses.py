@@ -11,6 +11,7 @@ pairwise update, in float64 on the host), so no layer's responses are ever held 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import checkpoint
+from resnet_jax import backend, checkpoint
 from resnet_jax.data.augment import normalization_stats, normalize
 from resnet_jax.data.sources import load_split
 from resnet_jax.experiments.nets import Net
@@ -64,12 +65,14 @@ def response_shapes(model: ResNet, variables: dict, image_shape: Sequence[int]) 
 
 
 def response_stds(
-    model: ResNet, variables: dict, images: np.ndarray, mean: np.ndarray, std: np.ndarray, batch_size: int
+    model: ResNet, variables: dict, images: np.ndarray, mean: np.ndarray, std: np.ndarray, batch_size: int,
+    compiler_options: dict[str, str],
 ) -> tuple[list[str], np.ndarray]:
     """(layer names, std of each layer's response) over uint8 `images`, normalised by
-    (mean, std) as in training, in inference mode."""
+    (mean, std) as in training, in inference mode; compiled with `compiler_options`, those
+    of the model's convolution path (`backend.compiler_options`)."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def moments(variables, batch):
         _, state = model.apply(variables, normalize(batch, mean, std), train=False, mutable=[RESPONSES])
         layers = [response.astype(jnp.float32) for _, response in ordered_responses(state[RESPONSES])]
@@ -110,8 +113,9 @@ def measure(nets: Sequence[Net], num_images: int | None) -> tuple[list[dict], in
     records = []
     for net in nets:
         run = net.runs[0]
-        model, variables, _ = checkpoint.load(run.workdir, run.config.num_train_steps)
-        names, stds = response_stds(model, variables, images, mean, std, BATCH_SIZE)
+        model, variables, run_config = checkpoint.load(run.workdir, run.config.num_train_steps)
+        names, stds = response_stds(model, variables, images, mean, std, BATCH_SIZE,
+                                    backend.compiler_options(run_config.model.conv))
         records.append({
             "net": net.label,
             "model": net.model,
