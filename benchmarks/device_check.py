@@ -52,10 +52,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from resnet_jax import backend, train
 from resnet_jax import config as config_lib
-from resnet_jax import train
 from resnet_jax.complexity import count_macs
-from resnet_jax.cpu import allocator
 from resnet_jax.data import augment
 from resnet_jax.data.stream import Normalization, StreamedData
 from resnet_jax.parallel import Parallel, data_parallel
@@ -406,7 +405,7 @@ def table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    allocator.keep_freed_memory()  # as train.py does, before JAX starts its threads
+    backend.keep_freed_memory_on_cpu()  # as train.py does: on the CPU only, before JAX starts its threads
     budget = Budget(args.budget_s)
     parallel = data_parallel()
     report = {"flags": {k: v for k, v in vars(args).items()}, "command": " ".join(sys.argv)}
