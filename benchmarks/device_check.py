@@ -56,7 +56,7 @@ from resnet_jax import backend, train
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs
 from resnet_jax.data import augment
-from resnet_jax.data.stream import Normalization, StreamedData
+from resnet_jax.data.stream import Normalization, StreamedBatch, StreamedData
 from resnet_jax.parallel import Parallel, data_parallel
 from resnet_jax.state import build_model, init_state
 
@@ -213,11 +213,11 @@ def timed_steps(step, state, inputs_of, steps: int, warmup: int, key: jax.Array)
     """(state, seconds per step) of `steps` steps after `warmup`, each step's inputs from
     `inputs_of()`, waited for once at the end."""
     for _ in range(warmup):
-        state, metrics = step(state, *inputs_of(), key)
+        state, metrics = step(state, inputs_of(), key)
     jax.block_until_ready((state, metrics))
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step(state, *inputs_of(), key)
+        state, metrics = step(state, inputs_of(), key)
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / steps
     if not np.isfinite(float(metrics["loss"])):
@@ -272,15 +272,15 @@ def imagenet_phase(args: argparse.Namespace, parallel: Parallel, scratch: Path) 
     device_batch = to_devices(host_batch)
     start = time.perf_counter()
     step = train.make_stream_train_step(config, model, parallel)
-    step = step.lower(state, device_batch, norm, key).compile()
+    step = step.lower(state, StreamedBatch(device_batch, norm), key).compile()
     compile_s = time.perf_counter() - start
 
     result = dict(model=args.imagenet_model, dtype=config.model.dtype, batch_size=config.batch_size,
                   batch_per_device=args.batch_per_device, image_size=args.image_size, compile_s=compile_s)
-    state, seconds = timed_steps(step, state, lambda: (device_batch, norm), args.steps, args.warmup_steps,
-                                 key)
+    state, seconds = timed_steps(step, state, lambda: StreamedBatch(device_batch, norm), args.steps,
+                                 args.warmup_steps, key)
     result["on_device"] = dict(images_per_sec=config.batch_size / seconds, step_ms=seconds * 1e3)
-    state, seconds = timed_steps(step, state, lambda: (to_devices(host_batch), norm), args.steps,
+    state, seconds = timed_steps(step, state, lambda: StreamedBatch(to_devices(host_batch), norm), args.steps,
                                  args.warmup_steps, key)
     result["from_host"] = dict(images_per_sec=config.batch_size / seconds, step_ms=seconds * 1e3)
     result["streamed"] = streamed_throughput(args, config, parallel, step, state, key)
@@ -335,7 +335,7 @@ def cifar_phase(args: argparse.Namespace, parallel: Parallel, budget: Budget) ->
         start = time.perf_counter()
         step = train.make_train_step(config, model, parallel).lower(state, data, key).compile()
         compile_s = time.perf_counter() - start
-        _, seconds = timed_steps(step, state, lambda: (data,), args.cifar_steps // n,
+        _, seconds = timed_steps(step, state, lambda: data, args.cifar_steps // n,
                                  max(1, args.warmup_steps), key)
         step_s = seconds / n
         throughput[str(n)] = dict(compile_s=compile_s, images_per_sec=config.batch_size / step_s,

@@ -17,7 +17,7 @@ from resnet_jax.config import ConfigError
 from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS
 from resnet_jax.data.sources import SPLITS
 from resnet_jax.parallel import data_parallel
-from resnet_jax.train import evaluate, open_inputs, with_dataset_classes
+from resnet_jax.train import eval_metrics, open_inputs, with_dataset_classes
 
 
 def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", split: str | None = None,
@@ -52,7 +52,7 @@ def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", spl
     model, variables, _ = checkpoint.load(workdir, step_number)
     eval_step = inputs.eval_step(model, mode)
     with inputs.eval_batches(mode) as batches:
-        result = evaluate(eval_step, variables, batches)
+        result = eval_metrics(eval_step, variables, batches)
     return {"step": step_number, "mode": mode, **result}
 
 

@@ -8,6 +8,9 @@ the batch comes from is the only difference between the two kinds of data:
   several steps per dispatch with `lax.scan`;
 - large datasets (ImageNet) are decoded and augmented by a host pipeline, and each step
   receives its batch, already split over the devices (see `data/stream.py`).
+Either way a step is called as `step(state, inputs=..., key=...)`, `inputs` being one
+value of its kind: the split (`memory.DeviceData`) or the batch and its normalisation
+(`stream.StreamedBatch`); an eval step as `eval_step(variables, inputs=...)`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from resnet_jax.parallel import Parallel, barrier, data_parallel
 from resnet_jax.preemption import PreemptionWatcher
 from resnet_jax.state import TrainState, abstract_train_state, build_model, init_state, input_shape
 
+# What a step of each kind of data receives as `inputs`.
+TrainInputs = memory.DeviceData | stream.StreamedBatch
+EvalInputs = memory.EvalBatchIndex | stream.StreamedBatch
+
 
 def _apply_train(model: ResNet, variables: dict, images: jnp.ndarray, bn_group_size: int):
     """Training-mode forward pass: (logits, new batch_stats).
@@ -58,8 +65,9 @@ def _apply_train(model: ResNet, variables: dict, images: jnp.ndarray, bn_group_s
 def make_train_step(
     config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel
 ) -> Callable[[TrainState, memory.DeviceData, jax.Array], tuple[TrainState, dict]]:
-    """`step(state, data, key) -> (state, metrics)` for a dataset on the devices: each of
-    `steps_per_dispatch` SGD steps draws its batch from `data` (see `_compile_train_step`)."""
+    """`step(state, inputs, key) -> (state, metrics)` for a dataset on the devices: `inputs`
+    is the training split (`memory.DeviceData`), from which each of `steps_per_dispatch`
+    SGD steps draws its batch with `key` (see `_compile_train_step`)."""
 
     def batch_of(data: memory.DeviceData, step: jax.Array, key: jax.Array):
         return memory.train_batch(
@@ -69,19 +77,22 @@ def make_train_step(
     return _compile_train_step(config, model, parallel, batch_of)
 
 
-def make_stream_train_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel):
-    """`step(state, batch, normalization, key) -> (state, metrics)` for a streamed dataset:
-    one SGD step on the host pipeline's batch (the key is unused: the host augmented it)."""
-    def batch_of(batch: dict, norm: stream.Normalization, step: jax.Array, key: jax.Array):
-        return stream.train_images(batch, norm)
+def make_stream_train_step(
+    config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel
+) -> Callable[[TrainState, stream.StreamedBatch, jax.Array], tuple[TrainState, dict]]:
+    """`step(state, inputs, key) -> (state, metrics)` for a streamed dataset: one SGD step
+    on `inputs`, the host pipeline's batch and its normalisation (`stream.StreamedBatch`);
+    the key is unused: the host augmented the batch."""
+    def batch_of(inputs: stream.StreamedBatch, step: jax.Array, key: jax.Array):
+        return stream.train_images(inputs)
 
     return _compile_train_step(config, model, parallel, batch_of)
 
 
 def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel,
                         batch_of: Callable[..., tuple[jnp.ndarray, jnp.ndarray]]):
-    """`step(state, *inputs, key) -> (state, metrics)`: `steps_per_dispatch` SGD steps, each
-    on the batch `batch_of(*inputs, step, key)` gives, as (images, labels).
+    """`step(state, inputs, key) -> (state, metrics)`: `steps_per_dispatch` SGD steps, each
+    on the batch `batch_of(inputs, step, key)` gives, as (images, labels).
 
     metrics: summed over the steps, "loss" (of the per-step mean losses) and "errors"
     (misclassified training examples), for the host to average; "finite" (loss and
@@ -90,8 +101,8 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
     tx = schedules.optimizer(config)
     schedule = schedules.learning_rate_schedule(config)
 
-    def one_step(state: TrainState, inputs: tuple, key: jax.Array):
-        images, labels = batch_of(*inputs, state.step, key)
+    def one_step(state: TrainState, inputs: TrainInputs, key: jax.Array):
+        images, labels = batch_of(inputs, state.step, key)
         images = jax.lax.with_sharding_constraint(images, parallel.batch)
         labels = jax.lax.with_sharding_constraint(labels, parallel.batch)
 
@@ -124,8 +135,7 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
             "step": new_state.step,
         }
 
-    def step(state: TrainState, *inputs_and_key):
-        *inputs, key = inputs_and_key
+    def step(state: TrainState, inputs: TrainInputs, key: jax.Array):
         if config.steps_per_dispatch == 1:
             # Not a one-step scan: XLA:CPU leaves the gradient convolutions inside a loop
             # body in a slow generic form (ResNet-20's step measured ~10x slower).
@@ -152,25 +162,25 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel):
-    """`eval_step(variables, data, index) -> sums` over eval batch `index` (of
-    `eval_batch_size` examples) of a dataset on the devices (padding masked)."""
-    def batch_of(data: memory.DeviceData, index: jax.Array):
-        return memory.eval_batch(data, index, config.eval_batch_size)
+    """`eval_step(variables, inputs) -> sums` over one batch (of `eval_batch_size` examples)
+    of a dataset on the devices, `inputs` naming it (`memory.EvalBatchIndex`); padding masked."""
+    def batch_of(inputs: memory.EvalBatchIndex):
+        return memory.eval_batch(inputs.data, inputs.index, config.eval_batch_size)
 
     return _compile_eval_step(config, model, parallel, batch_of, "center")
 
 
 def make_stream_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel,
                           mode: str = "center"):
-    """`eval_step(variables, batch, normalization) -> sums` over a streamed batch of `mode`
-    views (`scoring.MODES`), padding masked."""
+    """`eval_step(variables, inputs) -> sums` over a streamed batch of `mode` views
+    (`scoring.MODES`) and its normalisation (`stream.StreamedBatch`), padding masked."""
     return _compile_eval_step(config, model, parallel, stream.eval_views, mode)
 
 
 def _compile_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel,
                        batch_of: Callable, mode: str):
-    def eval_step(variables: dict, *inputs):
-        views, labels, mask = batch_of(*inputs)
+    def eval_step(variables: dict, inputs: EvalInputs):
+        views, labels, mask = batch_of(inputs)
         views = jax.tree_util.tree_map(lambda v: jax.lax.with_sharding_constraint(v, parallel.batch), views)
         scores = scoring.class_scores(model, variables, views, mode)
         return classification_metrics(scores, labels, mask)
@@ -181,17 +191,18 @@ def _compile_eval_step(config: ml_collections.ConfigDict, model: ResNet, paralle
     )
 
 
-def memory_eval_inputs(data: memory.DeviceData, batch_size: int) -> list[tuple]:
+def memory_eval_inputs(data: memory.DeviceData, batch_size: int) -> list[memory.EvalBatchIndex]:
     """The eval step's inputs for every batch of a dataset on the devices."""
-    return [(data, jnp.int32(index)) for index in range(memory.num_eval_batches(data, batch_size))]
+    return [memory.EvalBatchIndex(data, jnp.int32(index))
+            for index in range(memory.num_eval_batches(data, batch_size))]
 
 
-def evaluate(eval_step, variables: dict, batches: Iterable[tuple]) -> dict[str, float]:
+def eval_metrics(eval_step, variables: dict, batches: Iterable) -> dict[str, float]:
     """Loss, top-1 and top-5 error over every example of `batches` (the eval step's
     inputs), each scored once."""
     totals = {"loss": 0.0, "errors": 0, "top5_errors": 0, "count": 0}
     for inputs in batches:
-        sums = jax.device_get(eval_step(variables, *inputs))
+        sums = jax.device_get(eval_step(variables, inputs=inputs))
         for name in totals:
             totals[name] += sums[name].item()
     count = totals["count"]
@@ -239,7 +250,7 @@ class DeviceInputs:
         return make_eval_step(self.config, model, self.parallel)
 
     def train_batches(self, start_step: int):
-        return contextlib.nullcontext(itertools.repeat((self.data["train"],)))
+        return contextlib.nullcontext(itertools.repeat(self.data["train"]))
 
     def eval_batches(self, mode: str):
         return contextlib.nullcontext(memory_eval_inputs(self.data["eval"], self.config.eval_batch_size))
@@ -369,7 +380,7 @@ def train_and_evaluate(
     def run_eval() -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         with inputs.eval_batches("center") as batches:
-            result = evaluate(eval_step, variables, batches)
+            result = eval_metrics(eval_step, variables, batches)
         return {f"eval_{k}": result[k] for k in ("loss", "error", "top5_error")}
 
     last_eval: dict[str, float] = {}
@@ -377,7 +388,7 @@ def train_and_evaluate(
     interval_start, timed_steps = None, 0
     with mngr, writer, PreemptionWatcher() as preemption, inputs.train_batches(start) as train_batches:
         while step < config.num_train_steps:
-            state, metrics = train_step(state, *next(train_batches), data_key)
+            state, metrics = train_step(state, inputs=next(train_batches), key=data_key)
             step += config.steps_per_dispatch
             pending.append(metrics)
             if interval_start is None:
@@ -429,7 +440,7 @@ def train_and_evaluate(
 
 
 __all__ = [
-    "DeviceInputs", "StreamInputs", "TrainingDiverged", "evaluate", "load_data", "make_eval_step",
+    "DeviceInputs", "StreamInputs", "TrainingDiverged", "eval_metrics", "load_data", "make_eval_step",
     "make_stream_eval_step", "make_stream_train_step", "make_train_step", "memory_eval_inputs", "open_inputs",
     "train_and_evaluate", "with_dataset_classes",
 ]

@@ -30,7 +30,7 @@ def small_config(data_dir, **dataset):
 
 def host_batches(data, start, count):
     with data.train_batches(start) as batches:
-        return [np.asarray(next(batches)[0]["image"]) for _ in range(count)]
+        return [np.asarray(next(batches).batch["image"]) for _ in range(count)]
 
 
 def test_image_folder_reads_classes_in_sorted_order_from_jpeg_and_png(folder):
@@ -87,7 +87,7 @@ def test_each_epoch_sees_every_image_once(folder):
     config = small_config(folder, augment="none")
     data = stream.StreamedData(config, data_parallel(), ("train",))
     with data.train_batches(0) as batches:
-        labels = np.concatenate([np.asarray(next(batches)[0]["label"]) for _ in range(9)])
+        labels = np.concatenate([np.asarray(next(batches).batch["label"]) for _ in range(9)])
     for epoch in (labels[:18], labels[18:36]):
         assert sorted(epoch) == sorted(np.repeat([0, 1, 2], 6))
     assert not np.array_equal(labels[:18], labels[18:36])  # reshuffled
@@ -120,7 +120,8 @@ def test_evaluation_reads_every_image_once_in_order_padding_masked(folder, mode,
     assert data.num_eval_batches() == 3  # 9 images in batches of 4: the last holds 1
     labels, masks = [], []
     with data.eval_batches(mode) as batches:
-        for batch, _ in batches:
+        for inputs in batches:
+            batch = inputs.batch
             views = batch["views"] if mode == "multi_scale" else (batch["views"],)
             assert [v.shape for v in views] == shapes
             labels.append(np.asarray(batch["label"]))
@@ -146,6 +147,6 @@ def test_lighting_offsets_are_added_to_every_pixel_before_normalising():
     norm = stream.Normalization(jnp.full((3,), 0.5), jnp.full((3,), 0.25))
     batch = {"image": jnp.full((2, 4, 4, 3), 255, jnp.uint8), "label": jnp.array([0, 1]),
              "lighting": jnp.array([[0.1, 0.0, -0.1], [0.0, 0.0, 0.0]])}
-    images, labels = stream.train_images(batch, norm)
+    images, labels = stream.train_images(stream.StreamedBatch(batch, norm))
     np.testing.assert_allclose(images[0], np.broadcast_to([2.4, 2.0, 1.6], (4, 4, 3)), rtol=1e-6)
     np.testing.assert_allclose(images[1], 2.0)

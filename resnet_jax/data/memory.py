@@ -32,6 +32,15 @@ class DeviceData:
         return self.labels.shape[0]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EvalBatchIndex:
+    """An eval step's input: batch `index` (in order) of the split `data` on the devices."""
+
+    data: DeviceData
+    index: jax.Array  # int32 scalar
+
+
 def put_on_devices(
     split: Split, mean: np.ndarray, std: np.ndarray, sharding: jax.sharding.Sharding
 ) -> DeviceData:

@@ -61,6 +61,17 @@ class Normalization:
     std: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StreamedBatch:
+    """A train or eval step's input: the host pipeline's batch, on the devices ("image",
+    "label", "lighting" for training; "views", "label", "mask" for evaluation), and the
+    training images' normalisation, applied in the step."""
+
+    batch: dict
+    normalization: Normalization
+
+
 def normalize(images: jnp.ndarray, norm: Normalization, offset: jnp.ndarray | float = 0.0) -> jnp.ndarray:
     """uint8 (..., H, W, 3) -> float32 with `offset` (lighting) added and the mean and std
     taken off. A per-pixel mean image is resized to views of another size (multi-scale)."""
@@ -71,15 +82,17 @@ def normalize(images: jnp.ndarray, norm: Normalization, offset: jnp.ndarray | fl
     return augment.normalize(images, mean - offset, norm.std)
 
 
-def train_images(batch: dict, norm: Normalization) -> tuple[jnp.ndarray, jnp.ndarray]:
+def train_images(inputs: StreamedBatch) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The step's normalised images (each with its lighting offset) and labels (traceable)."""
+    batch = inputs.batch
     offsets = batch["lighting"][:, None, None, :]
-    return normalize(batch["image"], norm, offsets), batch["label"]
+    return normalize(batch["image"], inputs.normalization, offsets), batch["label"]
 
 
-def eval_views(batch: dict, norm: Normalization):
+def eval_views(inputs: StreamedBatch):
     """(views, labels, mask) of an evaluation batch, views normalised (traceable)."""
-    views = jax.tree_util.tree_map(lambda v: normalize(v, norm), batch["views"])
+    batch = inputs.batch
+    views = jax.tree_util.tree_map(lambda v: normalize(v, inputs.normalization), batch["views"])
     return views, batch["label"], batch["mask"]
 
 
@@ -293,11 +306,11 @@ class StreamedData:
         return _Positions(batch_size, jax.process_index(), jax.process_count())
 
     @contextlib.contextmanager
-    def _batches(self, dataset) -> Iterator[Iterator[tuple]]:
+    def _batches(self, dataset) -> Iterator[Iterator[StreamedBatch]]:
         host = HostBatches(dataset, self.config.dataset.num_workers)
         try:
             batches = _on_devices(host, self.parallel, self.config.dataset.prefetch_batches)
-            yield ((batch, self.normalization) for batch in batches)
+            yield (StreamedBatch(batch, self.normalization) for batch in batches)
         finally:
             host.close()
 
@@ -310,15 +323,15 @@ class StreamedData:
             _TrainExample(self.train, self.settings, self._positions(c.batch_size))
         ).batch(share)
 
-    def train_batches(self, start_step: int) -> contextlib.AbstractContextManager[Iterator[tuple]]:
-        """The (batch, normalization) inputs of the training steps from `start_step` on."""
+    def train_batches(self, start_step: int) -> contextlib.AbstractContextManager[Iterator[StreamedBatch]]:
+        """The inputs of the training steps from `start_step` on."""
         return self._batches(self.train_dataset(start_step))
 
     def num_eval_batches(self) -> int:
         return -(-len(self.eval) // self.config.eval_batch_size)
 
-    def eval_batches(self, mode: str) -> contextlib.AbstractContextManager[Iterator[tuple]]:
-        """The (batch, normalization) inputs of the eval steps: every evaluation record
+    def eval_batches(self, mode: str) -> contextlib.AbstractContextManager[Iterator[StreamedBatch]]:
+        """The inputs of the eval steps: every evaluation record
         once, in order, as `mode` views (`scoring.MODES`); the last batch padded and masked."""
         grain, c = _grain(), self.config
         share = c.eval_batch_size // jax.process_count()
