@@ -155,8 +155,10 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
             "first_nonfinite_loss": ~per_step["loss_finite"][first_bad],
         }
 
+    # keep_unused: the learning rate in opt_state is overwritten before it is read, and an
+    # unread argument would be dropped from the program, escaping donation with it.
     return jax.jit(
-        step, donate_argnums=0, out_shardings=parallel.replicated,
+        step, donate_argnums=0, out_shardings=parallel.replicated, keep_unused=True,
         compiler_options=backend.compiler_options(config.model.conv),
     )
 
