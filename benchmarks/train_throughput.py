@@ -46,7 +46,6 @@ import numpy as np
 from resnet_jax import backend
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs
-from resnet_jax.cpu.fast_conv import CONV_PATHS
 from resnet_jax.data import memory
 from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.sources import Split
@@ -69,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=config_lib.DTYPES, help="computation dtype")
     p.add_argument("--image_size", type=int, default=32, help="height and width of the synthetic images")
     p.add_argument("--steps_per_dispatch", type=int, default=1, help="training steps per compiled call")
-    p.add_argument("--conv", default="auto", choices=CONV_PATHS,
+    p.add_argument("--conv", default="auto", choices=backend.CONV_PATHS,
                    help="the config's model.conv: the convolution path on the CPU")
     p.add_argument("--num_examples", type=int, default=0,
                    help="examples held on the devices; 0: 10 x batch_size")

@@ -24,12 +24,14 @@ import jax
 
 from resnet_jax.cpu import allocator, fast_conv
 
+# The values of the config key model.conv.
+CONV_PATHS = fast_conv.CONV_PATHS
 # Environment variables that hand JAX a plugin library directly.
 PLUGIN_VARIABLES = ("PJRT_NAMES_AND_LIBRARY_PATHS", "TPU_LIBRARY_PATH")
 
 
 def conv_module(path: str) -> Any:
-    """What builds the model's convolution layers for `path` (`fast_conv.CONV_PATHS`)."""
+    """What builds the model's convolution layers for `path` (one of `CONV_PATHS`)."""
     if jax.default_backend() != "cpu" or path == "xla":
         return nn.Conv
     return functools.partial(nn.Conv, conv_general_dilated=fast_conv.conv_general_dilated_for(path))

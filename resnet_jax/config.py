@@ -39,7 +39,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax.cpu.fast_conv import CONV_PATHS
+from resnet_jax.backend import CONV_PATHS
 from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import DATASETS, SPLITS, num_classes
 from resnet_jax.models import SHORTCUTS, model_spec

@@ -1,4 +1,5 @@
-"""The package's imports run one way: no cycle, and the models stand alone.
+"""The package's imports run one way: no cycle, the models stand alone, and the parts
+import each other as the README's layout section draws them.
 
 Read from the source with `ast`, lazy imports inside functions included: a cycle that
 is broken only by importing late is still a cycle.
@@ -57,10 +58,59 @@ def test_no_module_imports_itself_through_others():
     assert not cycles, f"import cycles through: {', '.join(cycles)}"
 
 
-
 def test_the_models_import_no_cpu_code_data_training_or_checkpoints():
     forbidden = ("resnet_jax.cpu", "resnet_jax.data", "resnet_jax.train", "resnet_jax.checkpoint",
                  "resnet_jax.state")
     for models in ("resnet_jax.models", "resnet_jax"):  # `import resnet_jax` runs the package's __init__
         reached = reachable(models)
         assert not [m for m in reached if any(m == f or m.startswith(f + ".") for f in forbidden)], reached
+
+
+# The README's layout picture: each part's modules (by name prefix) and the parts below it
+# that it may import. A module in none of them fails the test: place it in the picture.
+PARTS = {
+    "commands": ("resnet_jax.cli", "resnet_jax.evaluate", "resnet_jax.experiments", "resnet_jax.plot"),
+    "training": ("resnet_jax.train", "resnet_jax.metrics", "resnet_jax.scoring", "resnet_jax.preemption"),
+    "checkpoints": ("resnet_jax.checkpoint",),
+    "run": ("resnet_jax.state", "resnet_jax.config", "resnet_jax.schedules", "resnet_jax.backend"),
+    "models": ("resnet_jax.models", "resnet_jax.complexity", "resnet_jax.convert", "resnet_jax.summary"),
+    "data": ("resnet_jax.data",),
+    "cpu": ("resnet_jax.cpu",),
+    "devices": ("resnet_jax.parallel",),
+}
+BELOW = {
+    "commands": {"training", "checkpoints", "run", "models", "data", "devices"},
+    "training": {"checkpoints", "run", "models", "data", "devices"},
+    "checkpoints": {"run", "devices"},
+    "run": {"models", "data", "cpu", "devices"},
+    "data": {"devices"},
+    "models": set(),
+    "cpu": set(),
+    "devices": set(),
+}
+
+
+def part_of(module: str) -> str | None:
+    if module == "resnet_jax":  # the package's __init__: the public model API
+        return "models"
+    for part, prefixes in PARTS.items():
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return part
+    return None
+
+
+def test_every_import_goes_down_the_layout_picture():
+    unplaced = sorted(m for m in GRAPH if part_of(m) is None)
+    assert not unplaced, f"modules missing from the layout picture (PARTS, README): {unplaced}"
+    upward = sorted(
+        f"{module} ({part_of(module)}) imports {target} ({part_of(target)})"
+        for module, targets in GRAPH.items() for target in targets
+        if part_of(target) not in BELOW[part_of(module)] | {part_of(module)}
+    )
+    assert not upward, upward
+
+
+def test_only_the_backend_module_reaches_the_cpu_code():
+    importers = {m for m, targets in GRAPH.items() if part_of(m) != "cpu"
+                 and any(part_of(t) == "cpu" for t in targets)}
+    assert importers == {"resnet_jax.backend"}
