@@ -96,11 +96,11 @@ def step_facts(config) -> dict:
     step = inputs.train_step(model)
     with inputs.train_batches(0) as batches:
         step_inputs = next(batches)
-        lowered = step.lower(state, *step_inputs, data_key)
+        lowered = step.lower(state, inputs=step_inputs, key=data_key)
         facts = hlo_facts(lowered.compile().as_text())
         stablehlo = lowered.as_text()
         old_leaves = jax.tree_util.tree_leaves(state)
-        state, metrics = step(state, *step_inputs, data_key)
+        state, metrics = step(state, inputs=step_inputs, key=data_key)
     facts.update(
         num_state_leaves=len(old_leaves),
         deleted_state_leaves=sum(leaf.is_deleted() for leaf in old_leaves),
@@ -143,8 +143,8 @@ def guarded_training(config, workdir: str) -> dict:
         def counted_step(model):
             step_fn = make_step(model)
 
-            def call(state, *step_args):
-                out = step_fn(state, *step_args)
+            def call(*args, **kwargs):
+                out = step_fn(*args, **kwargs)
                 record["dispatched_steps"] += config.steps_per_dispatch
                 return out
             return call
