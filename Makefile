@@ -9,13 +9,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 REQUIRE ?=
-# The CPU build of torch; a plain `pip install torch` would fetch a multi-GB CUDA build.
+# The CPU build of torch, from PyTorch's CPU wheel index (the index pytorch.org's install
+# command names); from the default index alone pip would fetch the multi-GB CUDA build.
+# torch alone comes from there, its dependencies from the default index in a second step:
+# where that index cannot be reached, pip then loses ~10 s to it once, not once per package.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/cifar10_resnet20
 # 1: install tensorflow-datasets (and tensorflow, to prepare a dataset the first time) for
 # configs that read through TFDS; 0 for configs that read local files (Fashion-MNIST).
 TFDS ?= 1
+# Named here because a comma inside $(if ...) would split its arguments.
+TFDS_EXTRAS := .[tfds,tfds-prepare]
+# More flags for train.py, e.g. ARGS="--config.num_train_steps=20 --config.eval_every_steps=20".
+ARGS ?=
 
 # What a GPU machine's image (Python 3.12 with jax, flax, optax, orbax-checkpoint, pillow,
 # absl, etils, cloudpickle, protobuf, psutil, pyyaml) lacks to run benchmarks/device_check.py:
@@ -36,14 +44,15 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	touch $@
 
 train: setup
-	$(if $(filter 1,$(TFDS)),$(BIN)/python -m pip install -q -e ".[tfds,tfds-prepare]")
-	$(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(if $(filter 1,$(TFDS)),$(BIN)/python -m pip install -q -e "$(TFDS_EXTRAS)")
+	$(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 summary: setup
 	$(BIN)/python -m resnet_jax.summary
 
 test: setup
-	$(if $(findstring torch,$(REQUIRE)),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
+	$(if $(findstring torch,$(REQUIRE)),$(BIN)/python -m pip install -q --no-deps --extra-index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)" \
+		&& $(BIN)/python -m pip install -q "$(TORCH_SPEC)")
 	$(if $(findstring tfds,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[tfds]")
 	$(if $(findstring grain,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[stream]")
 	$(BIN)/python -m pytest --require=$(REQUIRE)

@@ -1,7 +1,8 @@
 """Optional test groups (torch, tfds, grain, real Fashion-MNIST, the native CPU kernels) skip
-where their package, data or compiler is missing, so `make test` runs on a fresh machine;
-`--require=GROUP,...` (what CI passes) turns any skip inside those groups into a failure,
-so none can go missing unnoticed."""
+where their package, data or compiler is missing, so `make test` runs on a fresh machine: a
+test carrying a group's marker is skipped, with the remedy as the reason, when the group is
+not available. `--require=GROUP,...` (what CI passes) turns any skip inside those groups into
+a failure, so none can go missing unnoticed."""
 
 import importlib.util
 import os
@@ -12,14 +13,16 @@ import pytest
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # group -> (is it available here?, how to make it so)
 OPTIONAL_GROUPS = {
-    "torch": (lambda: importlib.util.find_spec("torch") is not None, "pip install torch"),
+    "torch": (
+        lambda: importlib.util.find_spec("torch") is not None, "make test REQUIRE=torch installs torch"
+    ),
     "tfds": (
         lambda: importlib.util.find_spec("tensorflow_datasets") is not None,
-        "pip install tensorflow-datasets",
+        "make test REQUIRE=tfds installs tensorflow-datasets",
     ),
     "grain": (
         lambda: all(importlib.util.find_spec(m) is not None for m in ("grain", "PIL")),
-        "pip install -e '.[stream]'",
+        "make test REQUIRE=grain installs grain and pillow",
     ),
     "fashion_mnist": (
         lambda: os.path.isdir(FASHION_MNIST_DIR), "apt-get install -y dataset-fashion-mnist"
@@ -53,6 +56,13 @@ def pytest_configure(config):
         available, remedy = OPTIONAL_GROUPS[group]
         if not available():
             raise pytest.UsageError(f"--require={group}, but it is not available here: {remedy}")
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = {group: remedy for group, (available, remedy) in OPTIONAL_GROUPS.items() if not available()}
+    for item in items:
+        for group in sorted(missing.keys() & {m.name for m in item.iter_markers()}):
+            item.add_marker(pytest.mark.skip(reason=f"needs {group}: {missing[group]}"))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -40,7 +40,6 @@ def test_train_throughput_times_the_training_step():
 
 @pytest.mark.torch
 def test_torch_reference_times_the_same_network():
-    pytest.importorskip("torch")
     line = last_json_line("torch_resnet20.py", "--depth=8", "--batch_size=8", "--steps=2", "--image_size=16")
     for key in ("images_per_sec", "step_ms", "warmup_s", "achieved_flops_per_sec"):
         assert line[key] > 0, key

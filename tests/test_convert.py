@@ -7,7 +7,7 @@ import pytest
 
 from resnet_jax import convert
 
-torch = pytest.importorskip("torch", reason="the parity tests need torch (make test-torch)")
+torch = pytest.importorskip("torch", reason="needs torch: make test REQUIRE=torch installs torch")
 pytestmark = pytest.mark.torch
 from tests import torchvision_layout  # noqa: E402  (needs torch)
 
