@@ -2,6 +2,7 @@
 
 python evaluate.py --workdir=runs/r20 [--step=latest|best|N] [--split=test]
 python evaluate.py --workdir=runs/imagenet_resnet50 --mode=center|ten_crop|multi_scale
+    [--multi_scale_average=scores|probabilities]
 """
 
 import argparse
@@ -21,9 +22,10 @@ def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
     if overrides:
         raise cli.ConfigError(
             "evaluate.py takes no --config.* overrides: the run's saved config is used; "
-            "flags: --workdir, --step, --split, --data_dir, --mode"
+            "flags: --workdir, --step, --split, --data_dir, --mode, --multi_scale_average"
         )
-    result = evaluate_workdir(args.workdir, args.step, args.split, args.data_dir, args.mode)
+    result = evaluate_workdir(args.workdir, args.step, args.split, args.data_dir, args.mode,
+                              args.multi_scale_average)
     if jax.process_index() == 0:  # every process evaluates; one prints
         print(json.dumps(result))
 
@@ -38,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="center", choices=scoring.MODES,
                    help="center crop (default); ten_crop or multi_scale: the paper's testing, "
                         "for streamed datasets (image_folder, imagenet2012, imagenette)")
+    p.add_argument("--multi_scale_average", default="scores", choices=scoring.AVERAGES,
+                   help="multi_scale: scores (default; the paper's reference, VGG's testing): each "
+                        "view's class-score map averaged over the image, then its softmax averaged "
+                        "over flips and scales; probabilities: the softmax at every location averaged")
     cli.add_distributed_flags(p)
     return p
 

@@ -21,11 +21,15 @@ from resnet_jax.train import eval_metrics, open_inputs, with_dataset_classes
 
 
 def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", split: str | None = None,
-                     data_dir: str | None = None, mode: str = "center") -> dict:
+                     data_dir: str | None = None, mode: str = "center", average: str = "scores") -> dict:
     """{'step', 'mode', 'error', 'top5_error', 'loss', 'num_examples'} of a checkpoint on a
-    split (default: the eval split the run was trained with), scored as `mode` says."""
+    split (default: the eval split the run was trained with), scored as `mode` says
+    (multi_scale: also 'average', where its softmax and averages happen, `scoring.AVERAGES`)."""
     if mode not in scoring.MODES:
         raise ConfigError(f"--mode={mode!r} is not accepted; expected one of {', '.join(scoring.MODES)}")
+    if average not in scoring.AVERAGES:
+        raise ConfigError(f"--multi_scale_average={average!r} is not accepted; expected one of "
+                          f"{', '.join(scoring.AVERAGES)}")
     workdir = Path(workdir)
     config = checkpoint.read_config(workdir)
     streamed = config.dataset.name in STREAMED_DATASETS
@@ -50,10 +54,11 @@ def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", spl
     with_dataset_classes(config, inputs.num_classes)  # refuses data with other classes than the run's
     step_number = checkpoint_step(workdir, step)  # once: "latest" must not move in between
     model, variables, _ = checkpoint.load(workdir, step_number)
-    eval_step = inputs.eval_step(model, mode)
+    eval_step = inputs.eval_step(model, mode, average)
     with inputs.eval_batches(mode) as batches:
         result = eval_metrics(eval_step, variables, batches)
-    return {"step": step_number, "mode": mode, **result}
+    protocol = {"mode": mode, "average": average} if mode == "multi_scale" else {"mode": mode}
+    return {"step": step_number, **protocol, **result}
 
 
 def checkpoint_step(workdir: Path, step: str | int | None) -> int:

@@ -173,18 +173,20 @@ def make_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: P
 
 
 def make_stream_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel,
-                          mode: str = "center"):
+                          mode: str = "center", average: str = "scores"):
     """`eval_step(variables, inputs) -> sums` over a streamed batch of `mode` views
-    (`scoring.MODES`) and its normalisation (`stream.StreamedBatch`), padding masked."""
-    return _compile_eval_step(config, model, parallel, stream.eval_views, mode)
+    (`scoring.MODES`; multi-scale's `average`: `scoring.AVERAGES`) and its normalisation
+    (`stream.StreamedBatch`), padding masked. Multi-scale compiles once per canvas bucket
+    met (`augment.MULTI_SCALE_BUCKETS`)."""
+    return _compile_eval_step(config, model, parallel, stream.eval_views, mode, average)
 
 
 def _compile_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel,
-                       batch_of: Callable, mode: str):
+                       batch_of: Callable, mode: str, average: str = "scores"):
     def eval_step(variables: dict, inputs: EvalInputs):
         views, labels, mask = batch_of(inputs)
         views = jax.tree_util.tree_map(lambda v: jax.lax.with_sharding_constraint(v, parallel.batch), views)
-        scores = scoring.class_scores(model, variables, views, mode)
+        scores = scoring.class_scores(model, variables, views, mode, average)
         return classification_metrics(scores, labels, mask)
 
     return jax.jit(
@@ -248,7 +250,7 @@ class DeviceInputs:
     def train_step(self, model: ResNet):
         return make_train_step(self.config, model, self.parallel)
 
-    def eval_step(self, model: ResNet, mode: str):
+    def eval_step(self, model: ResNet, mode: str, average: str = "scores"):
         return make_eval_step(self.config, model, self.parallel)
 
     def train_batches(self, start_step: int):
@@ -272,8 +274,8 @@ class StreamInputs:
     def train_step(self, model: ResNet):
         return make_stream_train_step(self.config, model, self.parallel)
 
-    def eval_step(self, model: ResNet, mode: str):
-        return make_stream_eval_step(self.config, model, self.parallel, mode)
+    def eval_step(self, model: ResNet, mode: str, average: str = "scores"):
+        return make_stream_eval_step(self.config, model, self.parallel, mode, average)
 
     def train_batches(self, start_step: int):
         return self.data.train_batches(start_step)

@@ -120,9 +120,36 @@ def test_pca_lighting_has_mean_zero_and_the_documented_covariance():
     np.testing.assert_allclose(projected.std(axis=0), std * values, rtol=0.02)
 
 
-def test_multi_scale_views_are_each_scales_center_square_and_its_flip():
-    image = coordinate_image(36, 48)
-    views = augment.multi_scale_views(image, (36, 40))
-    assert [v.shape for v in views] == [(2, 36, 36, 3), (2, 40, 40, 3)]
-    assert origin(views[0][0]) == (0, 6, False) and origin(views[0][1]) == (0, 6, True)
-    np.testing.assert_array_equal(views[1][1], views[1][0][:, ::-1])
+def test_multi_scale_views_are_the_whole_image_and_its_flip_in_the_corner_of_its_canvas():
+    image = coordinate_image(36, 48)  # 4:3 landscape
+    views, valid = augment.multi_scale_views(image, (36, 40))
+    assert [v.shape for v in views] == [(2, 36, 48, 3), (2, 40, 54, 3)]  # 54 = ceil(40 * 4/3)
+    assert valid.tolist() == [[36, 48], [40, 53]]
+    assert origin(views[0][0]) == (0, 0, False) and origin(views[0][1]) == (0, 0, True)  # all of it
+    resized = augment.resize_shorter(image, 40)
+    np.testing.assert_array_equal(views[1][0, :40, :53], resized)
+    np.testing.assert_array_equal(views[1][1, :40, :53], resized[:, ::-1])
+    assert not views[1][:, :, 53:].any()  # the rest of the canvas is zero
+
+
+def test_a_portrait_image_gets_the_portrait_canvas_and_one_wider_than_2_to_1_is_cropped_to_it():
+    views, valid = augment.multi_scale_views(coordinate_image(48, 36), (36,))
+    assert views[0].shape == (2, 48, 36, 3) and valid.tolist() == [[48, 36]]
+    views, valid = augment.multi_scale_views(coordinate_image(20, 70), (20,))
+    assert views[0].shape == (2, 20, 40, 3) and valid.tolist() == [[20, 40]]
+    assert origin(views[0][0]) == (0, 15, False)  # the center 2:1 of the 7:2 image
+
+
+def test_every_image_shape_lands_on_one_of_seven_canvases_per_scale():
+    rng = np.random.default_rng(0)
+    shapes = [(50, 50), (375, 500), (500, 375), (40, 400)]
+    shapes += [tuple(rng.integers(20, 200, 2)) for _ in range(60)]
+    canvases = {224: set(), 256: set()}
+    for height, width in shapes:
+        views, valid = augment.multi_scale_views(np.zeros((height, width, 3), np.uint8), (224, 256))
+        bucket = augment.multi_scale_bucket(height, width)
+        for view, (resized_height, resized_width), side in zip(views, valid, (224, 256), strict=True):
+            assert view.shape[1:3] == augment.multi_scale_canvas(bucket, side)
+            assert min(resized_height, resized_width) == side  # the whole image, shorter side s
+            canvases[side].add(view.shape[1:3])
+    assert [len(c) for c in canvases.values()] == [len(augment.MULTI_SCALE_BUCKETS)] * 2 == [7, 7]

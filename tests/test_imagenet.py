@@ -65,6 +65,9 @@ def test_training_on_an_image_folder_saves_the_class_count_and_evaluates_in_ever
         assert scored["mode"] == mode and scored["num_examples"] == 9
         assert 0 <= scored["top5_error"] <= scored["error"] <= 1 and np.isfinite(scored["loss"])
         assert scored["loss"] != center["loss"]  # other views, other scores
+    probabilities = evaluate_workdir(workdir, mode="multi_scale", average="probabilities")
+    assert probabilities["average"] == "probabilities" and probabilities["num_examples"] == 9
+    assert probabilities["loss"] != scored["loss"]  # the softmax before the spatial average
 
 
 def test_a_run_resumed_mid_epoch_ends_identical_to_an_uninterrupted_one(trained, folder, tmp_path, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from resnet_jax.config import imagenet_recipe
-from resnet_jax.data import image_records, stream
+from resnet_jax.data import augment, image_records, stream
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import data_parallel
 from tests.fake_data import write_image_folder
@@ -111,24 +111,42 @@ def test_worker_processes_give_the_same_batches_as_the_main_process(folder):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("mode, shapes", [
-    ("center", [(4, 16, 16, 3)]), ("ten_crop", [(4, 10, 16, 16, 3)]),
-    ("multi_scale", [(4, 2, 16, 16, 3), (4, 2, 24, 24, 3)]),
-])
-def test_evaluation_reads_every_image_once_in_order_padding_masked(folder, mode, shapes):
+@pytest.mark.parametrize("mode, shape", [("center", (4, 16, 16, 3)), ("ten_crop", (4, 10, 16, 16, 3))])
+def test_evaluation_reads_every_image_once_in_order_padding_masked(folder, mode, shape):
     data = stream.StreamedData(small_config(folder), data_parallel(), ("train", "eval"))
     assert data.num_eval_batches() == 3  # 9 images in batches of 4: the last holds 1
     labels, masks = [], []
     with data.eval_batches(mode) as batches:
         for inputs in batches:
             batch = inputs.batch
-            views = batch["views"] if mode == "multi_scale" else (batch["views"],)
-            assert [v.shape for v in views] == shapes
+            assert batch["views"].shape == shape
             labels.append(np.asarray(batch["label"]))
             masks.append(np.asarray(batch["mask"]))
     labels, masks = np.concatenate(labels), np.concatenate(masks)
     assert masks.tolist() == [True] * 9 + [False] * 3
     np.testing.assert_array_equal(labels[:9], np.repeat([0, 1, 2], 3))
+
+
+def test_multi_scale_batches_hold_one_canvas_bucket_each_and_every_image_once(folder):
+    # The folder's validation images: per class, two 40x52 landscapes and one 52x40
+    # portrait (both 4:3 buckets): 6 + 3 images, in batches of 4 of one bucket each.
+    data = stream.StreamedData(small_config(folder), data_parallel(), ("train", "eval"))
+    records, buckets = data.multi_scale_plan()
+    landscape, portrait = augment.multi_scale_bucket(40, 52), augment.multi_scale_bucket(52, 40)
+    assert records.tolist() == [0, 2, 3, 5, 6, 8, -1, -1, 1, 4, 7, -1]
+    assert buckets.tolist() == [landscape] * 8 + [portrait] * 4
+    shapes, masks, valid = [], [], []
+    with data.eval_batches("multi_scale") as batches:
+        for batch in (inputs.batch for inputs in batches):
+            shapes.append(tuple(v.shape for v in batch["views"]))
+            masks += np.asarray(batch["mask"]).tolist()
+            valid.append(np.asarray(batch["valid"]))
+    # Scales 16 and 24: canvases 16 x ceil(16 * 4/3) = 22 and 24 x 32, or their transposes.
+    wide, tall = ((4, 2, 16, 22, 3), (4, 2, 24, 32, 3)), ((4, 2, 22, 16, 3), (4, 2, 32, 24, 3))
+    assert shapes == [wide, wide, tall]  # two compiled shapes for three batches
+    assert masks == [True] * 6 + [False] * 2 + [True] * 3 + [False]
+    assert valid[0][0].tolist() == [[16, 21], [24, 31]]  # 40 x 52 at shorter sides 16 and 24
+    assert valid[2][0].tolist() == [[21, 16], [31, 24]]
 
 
 def test_normalization_comes_from_the_training_images(folder):

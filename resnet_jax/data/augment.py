@@ -3,12 +3,14 @@
 Small datasets are augmented on the device, inside the compiled step (`pad_crop_flip`);
 streamed datasets on the host, one image at a time, with numpy and Pillow (the functions
 taking a `numpy.random.Generator`: the paper's scale augmentation and lighting, the
-modern random-resized-crop, and the center / ten-crop / multi-scale evaluation views).
+modern random-resized-crop, and the center / ten-crop / whole-image multi-scale views).
 Either way everything is a pure function of the images and a seed, so a step's batch is
 a function of (seed, step) alone: resuming a run reproduces it exactly.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,14 @@ def normalization_stats(images: np.ndarray, kind: str) -> tuple[np.ndarray, np.n
 def normalize(images: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray) -> jnp.ndarray:
     """uint8 images -> float32, mean subtracted, divided by std."""
     return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def inside(valid: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+    """(N, height, width) bool: where each image of size `valid[n]` (N, 2), placed in the
+    top-left corner of a height x width canvas, is (multi-scale testing's canvases)."""
+    rows = jnp.arange(height)[None, :, None] < valid[:, 0, None, None]
+    columns = jnp.arange(width)[None, None, :] < valid[:, 1, None, None]
+    return rows & columns
 
 
 def pad_crop_flip(key: jax.Array, images: jnp.ndarray, padding: int) -> jnp.ndarray:
@@ -173,12 +183,55 @@ def ten_crops(image: np.ndarray, resize: int, size: int) -> np.ndarray:
     return np.concatenate([crops, crops[:, :, ::-1]])
 
 
-def multi_scale_views(image: np.ndarray, sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-    """For each shorter side s in `sizes`, (2, s, s, C): the image resized to it, its
-    center s x s square, and that square flipped. Fixed squares keep one compiled network
-    per scale; the fully-convolutional net scores every location of each."""
-    views = []
+# Multi-scale testing scores whole images of any shape. To compile a bounded number of
+# networks, every image is padded (bottom and right) to the canvas of its aspect bucket:
+# the shorter side is the scale's, the longer one `ceil(side * ratio)` for the smallest
+# ratio (longer / shorter side) here that holds the image, landscape or portrait. That is
+# 1 + 2 * 3 = 7 canvas shapes per scale; images longer than 2:1 are center-cropped to 2:1.
+MULTI_SCALE_RATIOS = (1.0, 4 / 3, 3 / 2, 2.0)
+# (ratio, portrait) of each bucket; a bucket's images are batched together.
+MULTI_SCALE_BUCKETS = ((1.0, False),) + tuple(
+    (ratio, portrait) for ratio in MULTI_SCALE_RATIOS[1:] for portrait in (False, True)
+)
+
+
+def multi_scale_bucket(height: int, width: int) -> int:
+    """The index in `MULTI_SCALE_BUCKETS` of an image's canvas."""
+    ratio = min(max(height, width) / min(height, width), MULTI_SCALE_RATIOS[-1])
+    smallest = next(r for r in MULTI_SCALE_RATIOS if ratio <= r)
+    return MULTI_SCALE_BUCKETS.index((smallest, smallest > 1.0 and height > width))
+
+
+def multi_scale_canvas(bucket: int, side: int) -> tuple[int, int]:
+    """(height, width) of bucket `bucket`'s canvas at shorter side `side`."""
+    ratio, portrait = MULTI_SCALE_BUCKETS[bucket]
+    longer = math.ceil(side * ratio)
+    return (longer, side) if portrait else (side, longer)
+
+
+def _within_widest_bucket(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape[:2]
+    limit = math.floor(min(height, width) * MULTI_SCALE_RATIOS[-1])
+    if height > limit:
+        return image[(height - limit) // 2 : (height - limit) // 2 + limit]
+    if width > limit:
+        return image[:, (width - limit) // 2 : (width - limit) // 2 + limit]
+    return image
+
+
+def multi_scale_views(image: np.ndarray, sizes: tuple[int, ...]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """The fully-convolutional testing views of an image (Sec. 3.4): for each shorter side s
+    in `sizes`, (2, H, W, C) holding the whole image resized to it and its flip, each in
+    the top-left corner of its bucket's zero canvas (`multi_scale_canvas`); and the resized
+    images' (height, width) per scale, (len(sizes), 2) int32, which say what is image."""
+    image = _within_widest_bucket(image)
+    bucket = multi_scale_bucket(*image.shape[:2])
+    views, valid = [], []
     for side in sizes:
-        square = center_crop(image, side, side)
-        views.append(np.stack([square, square[:, ::-1]]))
-    return tuple(views)
+        resized = resize_shorter(image, side)
+        height, width = resized.shape[:2]
+        canvas_height, canvas_width = multi_scale_canvas(bucket, side)
+        padding = ((0, canvas_height - height), (0, canvas_width - width), (0, 0))
+        views.append(np.stack([np.pad(resized, padding), np.pad(resized[:, ::-1], padding)]))
+        valid.append((height, width))
+    return tuple(views), np.asarray(valid, np.int32)

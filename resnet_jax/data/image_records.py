@@ -1,7 +1,8 @@
 """Large image datasets (ImageNet) as random-access records, read one image at a time.
 
 A record source has `len()`, `source[i] -> (uint8 RGB image (H, W, 3), label)`,
-`num_classes` and `describe(i)` (what to name in an error). Sources are picklable, so
+`image_shape(i) -> (H, W)` (multi-scale testing groups images by shape before reading
+them), `num_classes` and `describe(i)` (what to name in an error). Sources are picklable, so
 the input pipeline's worker processes each get a copy. Two kinds:
 
 - `ImageFolder`: `data_dir/train/<class>/*` and `data_dir/val/<class>/*` JPEG or PNG
@@ -101,6 +102,18 @@ class ImageFolder:
             raise DataError(f"{path}: cannot be read ({error})") from None
         return decode_image(data, path), int(self.labels[index])
 
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(height, width) from the file's header, without decoding the pixels."""
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            raise DataError(f"{path}: unreadable image ({type(error).__name__}: {error})") from None
+        return height, width
+
 
 class TfdsRecords:
     """One split of a prepared TFDS image dataset, read through `tfds.data_source`."""
@@ -140,6 +153,10 @@ class TfdsRecords:
         if image.ndim == 2 or image.shape[-1] == 1:
             image = np.broadcast_to(image.reshape(*image.shape[:2], 1), (*image.shape[:2], 3))
         return np.ascontiguousarray(image, np.uint8), int(record["label"])
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(height, width), decoding the record (TFDS stores no size beside the image)."""
+        return self[index][0].shape[:2]
 
 
 def open_split(name: str, split: str, data_dir: str | None, classes: tuple[str, ...] | None = None):

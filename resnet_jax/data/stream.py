@@ -73,13 +73,10 @@ class StreamedBatch:
 
 
 def normalize(images: jnp.ndarray, norm: Normalization, offset: jnp.ndarray | float = 0.0) -> jnp.ndarray:
-    """uint8 (..., H, W, 3) -> float32 with `offset` (lighting) added and the mean and std
-    taken off. A per-pixel mean image is resized to views of another size (multi-scale)."""
-    mean = norm.mean
-    if mean.ndim == 3 and mean.shape[:2] != images.shape[-3:-1]:
-        mean = jax.image.resize(mean, (*images.shape[-3:-1], mean.shape[-1]), "bilinear")
+    """uint8 (..., H, W, 3) crops of the training size -> float32 with `offset` (lighting)
+    added and the mean and std taken off."""
     # Adding the offset to every pixel is taking it off the mean: one normalisation for all data.
-    return augment.normalize(images, mean - offset, norm.std)
+    return augment.normalize(images, norm.mean - offset, norm.std)
 
 
 def train_images(inputs: StreamedBatch) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -90,10 +87,32 @@ def train_images(inputs: StreamedBatch) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def eval_views(inputs: StreamedBatch):
-    """(views, labels, mask) of an evaluation batch, views normalised (traceable)."""
-    batch = inputs.batch
-    views = jax.tree_util.tree_map(lambda v: normalize(v, inputs.normalization), batch["views"])
+    """(views, labels, mask) of an evaluation batch, views normalised (traceable). Multi-
+    scale views are a tuple of (canvases, valid sizes) per scale (`normalize_canvases`)."""
+    batch, norm = inputs.batch, inputs.normalization
+    if "valid" in batch:
+        views = tuple((normalize_canvases(canvases, batch["valid"][:, i], norm), batch["valid"][:, i])
+                      for i, canvases in enumerate(batch["views"]))
+    else:
+        views = normalize(batch["views"], norm)
     return views, batch["label"], batch["mask"]
+
+
+def normalize_canvases(canvases: jnp.ndarray, valid: jnp.ndarray, norm: Normalization) -> jnp.ndarray:
+    """uint8 (N, V, H, W, 3) canvases, each holding an image of size `valid[n]` in its
+    top-left corner -> float32, normalised as that image alone would be, and 0 outside it
+    (what the network's zero padding would see around the image alone). A per-pixel mean
+    image is resized to each image's own size."""
+    height, width = canvases.shape[-3:-1]
+    mean = norm.mean
+    if mean.ndim == 3:
+        def resized_mean(size):  # jax.image.resize(mean, size) on the image's corner, traceable
+            scale = size.astype(jnp.float32) / jnp.asarray(mean.shape[:2], jnp.float32)
+            return jax.image.scale_and_translate(mean, (height, width, mean.shape[-1]), (0, 1), scale,
+                                                 jnp.zeros(2, jnp.float32), "linear")
+        mean = jax.vmap(resized_mean)(valid)[:, None]
+    images = augment.normalize(canvases, mean, norm.std)
+    return jnp.where(augment.inside(valid, height, width)[:, None, :, :, None], images, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,42 +199,70 @@ class _TrainExample:
 
 
 class _EvalExample:
-    """Local position -> {"views", "label", "mask"} of record `records[position]`; positions
-    past the end (padding) and skipped unreadable images have mask False."""
+    """Local position -> {"views", "label", "mask"} of record `records[position]`; padding
+    (positions past the end, records of -1) and skipped unreadable images have mask False.
 
-    def __init__(self, source, records: np.ndarray, settings: _Settings, mode: str, positions: _Positions):
+    Multi-scale examples also hold "valid", each scale's resized image size on its canvas
+    (`augment.multi_scale_views`); `buckets[position]` is the canvas bucket of the position,
+    one per batch (`StreamedData.multi_scale_plan`), so that a padding example matches."""
+
+    def __init__(self, source, records: np.ndarray, settings: _Settings, mode: str, positions: _Positions,
+                 buckets: np.ndarray | None = None):
         self.source, self.records, self.settings, self.mode = source, records, settings, mode
-        self.positions = positions
+        self.positions, self.buckets = positions, buckets
         self._counts = collections.Counter()
 
-    def _views(self, image: np.ndarray):
+    def _views(self, image: np.ndarray) -> dict:
         s = self.settings
         if self.mode == "center":
-            return np.ascontiguousarray(augment.center_crop(image, s.eval_resize, s.image_size))
+            return {"views": np.ascontiguousarray(augment.center_crop(image, s.eval_resize, s.image_size))}
         if self.mode == "ten_crop":
-            return np.ascontiguousarray(augment.ten_crops(image, s.eval_resize, s.image_size))
-        return tuple(np.ascontiguousarray(v) for v in augment.multi_scale_views(image, s.multi_scale_sizes))
+            return {"views": np.ascontiguousarray(augment.ten_crops(image, s.eval_resize, s.image_size))}
+        views, valid = augment.multi_scale_views(image, s.multi_scale_sizes)
+        return {"views": tuple(np.ascontiguousarray(v) for v in views), "valid": valid}
 
-    def _blank(self):
+    def _blank(self, position: int) -> dict:
         s = self.settings
         if self.mode == "center":
-            return np.zeros((s.image_size, s.image_size, 3), np.uint8)
+            return {"views": np.zeros((s.image_size, s.image_size, 3), np.uint8)}
         if self.mode == "ten_crop":
-            return np.zeros((10, s.image_size, s.image_size, 3), np.uint8)
-        return tuple(np.zeros((2, side, side, 3), np.uint8) for side in s.multi_scale_sizes)
+            return {"views": np.zeros((10, s.image_size, s.image_size, 3), np.uint8)}
+        bucket = int(self.buckets[position])
+        canvases = [augment.multi_scale_canvas(bucket, side) for side in s.multi_scale_sizes]
+        # A whole-canvas "image": padding scores finite numbers, then masked out.
+        return {"views": tuple(np.zeros((2, *shape, 3), np.uint8) for shape in canvases),
+                "valid": np.asarray(canvases, np.int32)}
 
     def __call__(self, local: int) -> dict:
         position = self.positions.global_position(local)
-        if position < len(self.records):
+        if position < len(self.records) and self.records[position] >= 0:
             index = int(self.records[position])
             try:
                 image, label = self.source[index]
-                return {"views": self._views(image), "label": np.int32(label), "mask": np.bool_(True)}
+                return {**self._views(image), "label": np.int32(label), "mask": np.bool_(True)}
             except DataError as error:
                 if not self.settings.skip_unreadable:
                     raise
                 _skipped(error, self._counts)
-        return {"views": self._blank(), "label": np.int32(0), "mask": np.bool_(False)}
+        return {**self._blank(position), "label": np.int32(0), "mask": np.bool_(False)}
+
+
+class _RecordBucket:
+    """Record index -> its multi-scale canvas bucket, from the image's size (-1: unreadable
+    and skipped)."""
+
+    def __init__(self, source, skip_unreadable: bool):
+        self.source, self.skip_unreadable = source, skip_unreadable
+        self._counts = collections.Counter()
+
+    def __call__(self, index: int) -> np.int32:
+        try:
+            return np.int32(augment.multi_scale_bucket(*self.source.image_shape(index)))
+        except DataError as error:
+            if not self.skip_unreadable:
+                raise
+            _skipped(error, self._counts)
+            return np.int32(-1)
 
 
 def _workers(num_workers: int) -> int:
@@ -330,13 +377,40 @@ class StreamedData:
     def num_eval_batches(self) -> int:
         return -(-len(self.eval) // self.config.eval_batch_size)
 
+    def multi_scale_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(records, buckets) by position of multi-scale evaluation: the records grouped by
+        canvas bucket (in order within each), each group padded with records of -1 to whole
+        batches, so that a batch holds one canvas shape per scale and at most
+        len(MULTI_SCALE_BUCKETS) shapes are compiled. Reads every image's size first (an
+        image folder's file headers; a TFDS record is decoded)."""
+        grain, batch = _grain(), self.config.eval_batch_size
+        sizes = grain.MapDataset.range(len(self.eval)).map(
+            _RecordBucket(self.eval, self.settings.skip_unreadable)).batch(256)
+        host = HostBatches(sizes, self.config.dataset.num_workers)
+        try:
+            record_buckets = np.concatenate(list(host))
+        finally:
+            host.close()
+        records, buckets = [], []
+        for bucket in range(len(augment.MULTI_SCALE_BUCKETS)):
+            members = np.flatnonzero(record_buckets == bucket)
+            padding = -len(members) % batch
+            records.append(np.concatenate([members, np.full(padding, -1)]))
+            buckets.append(np.full(len(members) + padding, bucket))
+        return np.concatenate(records), np.concatenate(buckets)
+
     def eval_batches(self, mode: str) -> contextlib.AbstractContextManager[Iterator[StreamedBatch]]:
-        """The inputs of the eval steps: every evaluation record
-        once, in order, as `mode` views (`scoring.MODES`); the last batch padded and masked."""
+        """The inputs of the eval steps: every evaluation record once, as `mode` views
+        (`scoring.MODES`), in order (multi-scale: in order within each canvas bucket,
+        `multi_scale_plan`); padding masked."""
         grain, c = _grain(), self.config
         share = c.eval_batch_size // jax.process_count()
-        records = np.arange(len(self.eval))
-        dataset = grain.MapDataset.range(self.num_eval_batches() * share).map(
-            _EvalExample(self.eval, records, self.settings, mode, self._positions(c.eval_batch_size))
+        if mode == "multi_scale":
+            records, buckets = self.multi_scale_plan()
+        else:
+            records, buckets = np.arange(len(self.eval)), None
+        num_batches = -(-len(records) // c.eval_batch_size)
+        dataset = grain.MapDataset.range(num_batches * share).map(
+            _EvalExample(self.eval, records, self.settings, mode, self._positions(c.eval_batch_size), buckets)
         ).batch(share)
         return self._batches(dataset)
