@@ -13,12 +13,13 @@ from resnet_jax import backend, checkpoint
 from resnet_jax.complexity import count_params
 from resnet_jax.data.augment import normalization_stats, normalize
 from resnet_jax.data.sources import load_split
+from resnet_jax.evaluate import evaluate_workdir
 from resnet_jax.experiments import command, error_tables, responses
 from resnet_jax.experiments.nets import depth_nets
 from resnet_jax.experiments.runs import RunOptions
 from resnet_jax.models import RESPONSES, create_model
 from resnet_jax.plot import read_metrics
-from tests.fake_data import write_graded_fashion_mnist
+from tests.fake_data import write_graded_fashion_mnist, write_image_folder
 
 STEPS = 6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -217,3 +218,46 @@ def test_out_that_is_a_file_is_refused(tmp_path, data_dir, capsys):
     assert command.main(argv("depth", tmp_path / "results", data_dir)) == 2
     assert "is a file; expected a folder" in capsys.readouterr().err
     assert (tmp_path / "results").read_text() == "mine"
+
+
+@pytest.mark.grain
+def test_table2_trains_plain_and_option_a_resnets_18_and_34_on_an_image_folder(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "images", seed=3)  # 3 classes x (6 train, 3 val)
+    args = [
+        "table2", "--out", str(tmp_path / "out"), "--dataset", "image_folder", "--data_dir", str(folder),
+        "--steps", "2", "--batch_size", "4", "--config.eval_batch_size=4", "--config.tensorboard=false",
+        "--config.dataset.num_workers=0", "--config.dataset.image_size=16", "--config.dataset.eval_resize=20",
+        "--config.dataset.scale_range=(20,24)",
+    ]
+    run(args, capsys)
+    summary = json.loads((tmp_path / "out" / "table2.json").read_text())
+    nets = summary["nets"]
+    assert [(net["net"], net["shortcut"]) for net in nets] == [
+        ("plain-18", "none"), ("plain-34", "none"), ("ResNet-18", "A"), ("ResNet-34", "A")]
+    assert [net["paper_table2_top1_10crop_error_percent"] for net in nets] == [27.94, 28.54, 27.88, 25.03]
+    for net in nets:
+        config = checkpoint.read_config(tmp_path / "out" / net["runs"][0]["workdir"])
+        assert config.model.shortcut == ("A" if net["net"].startswith("ResNet") else "")
+        assert (config.num_train_steps, config.dataset.num_classes) == (2, 3)
+    resnet18 = nets[2]
+    workdir = tmp_path / "out" / resnet18["runs"][0]["workdir"]
+    ten_crop = evaluate_workdir(workdir, 2, mode="ten_crop")["error"]
+    assert resnet18["ten_crop_error_percent"]["per_seed"] == pytest.approx([100 * ten_crop], abs=1e-3)
+    # Option A adds no parameters: each ResNet has exactly its plain net's.
+    params = {net["net"]: net["params"] for net in nets}
+    assert params["ResNet-18"] == params["plain-18"] and params["ResNet-34"] == params["plain-34"]
+    table = (tmp_path / "out" / "table2.md").read_text()
+    assert "| ResNet-34 | A |" in table and "context, not a target" in table
+    assert (tmp_path / "out" / "table2.png").read_bytes().startswith(PNG_MAGIC)
+    run(args, capsys)  # repeated: every run reused, none trained again
+    assert json.loads((tmp_path / "out" / "table2.json").read_text())["runs_trained_now"] == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--depths", "20"], "table2 trains the paper's plain-18, plain-34, ResNet-18 and ResNet-34"),
+    (["--dataset", "cifar10"], "table2 trains on image_folder, imagenet2012, imagenette"),
+])
+def test_bad_table2_input_is_an_error_before_training(tmp_path, capsys, extra, message):
+    assert command.main(["table2", "--out", str(tmp_path / "out"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

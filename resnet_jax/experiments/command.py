@@ -1,4 +1,4 @@
-"""The command line of the experiments: one of the paper's CIFAR experiments, trained and drawn.
+"""The command line of the experiments: one of the paper's experiments, trained and drawn.
 
     python -m resnet_jax.experiments NAME --out DIR [options] [--config.KEY=VALUE ...]
 
@@ -9,11 +9,15 @@
                -> shortcuts.md/.json/.png
     responses  std of every 3x3 layer's response (Figure 7), plain and ResNet nets
                -> responses.md/.json/.png
+    table2     plain-18/34 vs ResNet-18/34 with option A shortcuts (Table 2, Figure 4) on
+               ImageNet or an image folder (--dataset=image_folder --data_dir=DIR), scored
+               with 10 crops as the paper's table -> table2.md/.json/.png
 
-Every net trains with the paper's CIFAR recipe into DIR/runs/<model>_seed<s> (an
-ordinary train.py workdir). Repeating a command reuses the finished runs (unfinished ones
-resume), and experiments given the same --out share the runs they have in common: the
-`responses` of `--out results/x` use the nets that `depth --out results/x` trained.
+Every CIFAR net trains with the paper's CIFAR recipe, every table2 net with its ImageNet
+recipe, into DIR/runs/<model>_seed<s> (an ordinary train.py workdir). Repeating a command
+reuses the finished runs (unfinished ones resume), and experiments given the same --out
+share the runs they have in common: the `responses` of `--out results/x` use the nets
+that `depth --out results/x` trained.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from resnet_jax import cli
+from resnet_jax.data.image_records import STREAMED_DATASETS
 from resnet_jax.data.sources import DATASETS
-from resnet_jax.experiments import error_tables, responses
+from resnet_jax.experiments import error_tables, responses, table2
 from resnet_jax.experiments.nets import (
     PAPER_IMAGENET_SHORTCUTS,
     cifar_depth,
     depth_nets,
     response_nets,
     shortcut_nets,
+    table2_nets,
 )
 from resnet_jax.experiments.provenance import markdown, provenance
 from resnet_jax.experiments.runs import (
@@ -46,7 +52,9 @@ from resnet_jax.experiments.runs import (
 from resnet_jax.plot import MetricsError
 
 DEFAULT_DEPTHS = {"depth": (20, 32, 44, 56, 110), "shortcuts": (32,), "responses": (20, 56, 110)}
-EXPERIMENTS = tuple(DEFAULT_DEPTHS)
+# table2's nets are the paper's four ImageNet nets, on a streamed dataset.
+EXPERIMENTS = (*DEFAULT_DEPTHS, "table2")
+DEFAULT_DATASETS = {**dict.fromkeys(DEFAULT_DEPTHS, "cifar10"), "table2": "imagenet2012"}
 
 
 def _depths(text: str) -> list[int]:
@@ -77,13 +85,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("experiment", choices=EXPERIMENTS, metavar="NAME", help=", ".join(EXPERIMENTS))
     p.add_argument("--out", required=True, type=Path, help="results folder; runs go to OUT/runs")
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--dataset", choices=DATASETS + STREAMED_DATASETS,
+                   help=f"default cifar10; table2: {', '.join(STREAMED_DATASETS)} (default imagenet2012)")
     p.add_argument("--depths", type=_depths,
                    help="CIFAR depths 6n+2; defaults: " + "; ".join(
                        f"{name} {','.join(map(str, d))}" for name, d in DEFAULT_DEPTHS.items()))
-    p.add_argument("--seeds", type=_positive, default=1, help="runs per net, seeds 0..K-1 (depth, shortcuts)")
+    p.add_argument("--seeds", type=_positive, default=1,
+                   help="runs per net, seeds 0..K-1 (depth, shortcuts, table2)")
     p.add_argument("--steps", type=_positive,
-                   help="iterations per run (default the paper's 64000); the schedule scales along")
+                   help="iterations per run (default the paper's: 64000 on CIFAR, 600000 on ImageNet); "
+                        "the schedule scales along")
     p.add_argument("--batch_size", type=_positive)
     p.add_argument("--data_dir", help="local dataset files (default: the recipe's; TFDS for CIFAR)")
     p.add_argument("--jobs", type=_positive, default=1,
@@ -97,9 +108,18 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise ExperimentError(f"--out {args.out} is a file; expected a folder (new or of earlier results)")
     if args.experiment == "responses" and args.seeds != 1:
-        raise ExperimentError("--seeds applies to depth and shortcuts; responses uses each net's seed-0 run")
+        raise ExperimentError(
+            "--seeds applies to depth, shortcuts and table2; responses uses each net's seed-0 run"
+        )
     if args.experiment != "responses" and args.response_images is not None:
         raise ExperimentError("--response_images applies to the responses experiment only")
+    streamed = args.experiment == "table2"
+    allowed = STREAMED_DATASETS if streamed else DATASETS
+    if args.dataset is not None and args.dataset not in allowed:
+        raise ExperimentError(f"--dataset={args.dataset}: {args.experiment} trains on {', '.join(allowed)}")
+    if streamed and args.depths is not None:
+        raise ExperimentError("--depths applies to the CIFAR experiments; table2 trains the paper's "
+                              "plain-18, plain-34, ResNet-18 and ResNet-34")
 
 
 def _write(out: Path, name: str, record: dict, body: str) -> None:
@@ -113,10 +133,13 @@ def run_experiment(args: argparse.Namespace, overrides: list[tuple[str, str]], a
     started = time.perf_counter()
     _check_args(args)
     out, name = args.out, args.experiment
-    depths = args.depths or list(DEFAULT_DEPTHS[name])
-    options = RunOptions(args.dataset, args.steps, args.batch_size, args.data_dir, tuple(overrides))
-    make_nets = {"depth": depth_nets, "shortcuts": shortcut_nets, "responses": response_nets}[name]
-    nets = make_nets(out, depths, args.seeds, options)
+    dataset = args.dataset or DEFAULT_DATASETS[name]
+    options = RunOptions(dataset, args.steps, args.batch_size, args.data_dir, tuple(overrides))
+    if name == "table2":
+        nets = table2_nets(out, args.seeds, options)
+    else:
+        make_nets = {"depth": depth_nets, "shortcuts": shortcut_nets, "responses": response_nets}[name]
+        nets = make_nets(out, args.depths or list(DEFAULT_DEPTHS[name]), args.seeds, options)
     runs = [run for net in nets for run in net.runs]
     check_runs(runs, devices_per_run(args.jobs), out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +158,15 @@ def run_experiment(args: argparse.Namespace, overrides: list[tuple[str, str]], a
             f"final iteration. Layers: the stem, then each block's 3x3 layers; per-layer values "
             f"in {name}.json, drawn in [{figure.name}]({figure.name}).\n\n"
             + responses.markdown_table(records)
+        )
+    elif name == "table2":
+        summary = table2.summarize(nets, results)
+        figure = error_tables.depth_figure(nets, out / f"{name}.png", title)
+        record = {"experiment": name, "nets": summary}
+        text = (
+            table2.markdown_table(summary) + "\n" + table2.setting_notes(nets)
+            + "\nCurves as the paper's Figure 4 (seed 0; training error thin, center-crop validation "
+            f"error bold): [{figure.name}]({figure.name}).\n"
         )
     else:
         summary = error_tables.summarize(nets, results)

@@ -1,6 +1,6 @@
 """The `depth` and `shortcuts` experiments' results: test error per net (mean and std over
 seeds, each seed's value, the paper's number beside it), as JSON, a markdown table and the
-paper's Figure 6 style curves."""
+paper's Figure 6 style curves; `table2` builds on the same records, notes and panels."""
 
 from __future__ import annotations
 
@@ -8,19 +8,33 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from resnet_jax.experiments.nets import PAPER_NOTES, Net, paper_schedule_differences, param_count
+from resnet_jax.experiments.nets import (
+    PAPER_IMAGENET_SCHEDULE,
+    PAPER_NOTES,
+    PAPER_SCHEDULE,
+    Net,
+    paper_schedule_differences,
+    param_count,
+)
 from resnet_jax.experiments.runs import RunResult
 from resnet_jax.plot import draw_runs, new_figure, save_figure
 
 # Width of one panel in inches; panels share the y axis so their errors compare at a glance.
 PANEL_SIZE = (6.0, 4.5)
+# Per net family: the paper's recipe, what its numbers are, and the setting they come from.
+PAPER_SETTINGS = {
+    "cifar": ("CIFAR", "CIFAR-10 test errors at 64k iterations of batch 128 (Table 6)", PAPER_SCHEDULE),
+    "imagenet": ("ImageNet", "ImageNet top-1 validation errors, 10-crop, after 60e4 iterations of batch "
+                 "256 (Table 2)", PAPER_IMAGENET_SCHEDULE),
+}
+TEST_ERROR_NOTE = "Test error: the evaluation after the last iteration,"
 
 
-def _percent(fractions: Sequence[float]) -> list[float]:
+def percent(fractions: Sequence[float]) -> list[float]:
     return [round(100 * value, 4) for value in fractions]
 
 
-def _spread(values: Sequence[float]) -> dict:
+def spread(values: Sequence[float]) -> dict:
     """Mean and sample standard deviation (None with one seed: no spread was measured)."""
     return {
         "mean": round(statistics.fmean(values), 4),
@@ -29,9 +43,11 @@ def _spread(values: Sequence[float]) -> dict:
     }
 
 
-def summarize(nets: Sequence[Net], results: Sequence[RunResult]) -> list[dict]:
+def summarize(nets: Sequence[Net], results: Sequence[RunResult],
+              paper_key: str = "paper_cifar10_test_error_percent") -> list[dict]:
     """One record per net: its parameters, test and final training error (%) over seeds,
-    the paper's number, and each run (workdir relative to OUT, trained now or reused)."""
+    the paper's number (under `paper_key`), and each run (workdir relative to OUT, trained
+    now or reused)."""
     by_name = {result.run.name: result for result in results}
     records = []
     for net in nets:
@@ -42,9 +58,9 @@ def summarize(nets: Sequence[Net], results: Sequence[RunResult]) -> list[dict]:
             "shortcut": net.shortcut_option,
             "depth": net.depth,
             "params": param_count(net),
-            "test_error_percent": _spread(_percent([r.test_error for r in runs])),
-            "final_train_error_percent": _spread(_percent([r.final_train_error for r in runs])),
-            "paper_cifar10_test_error_percent": net.paper_test_error,
+            "test_error_percent": spread(percent([r.test_error for r in runs])),
+            "final_train_error_percent": spread(percent([r.final_train_error for r in runs])),
+            paper_key: net.paper_test_error,
             "paper_note": PAPER_NOTES.get(net.depth) if net.paper_test_error is not None else None,
             "runs": [
                 {
@@ -59,7 +75,8 @@ def summarize(nets: Sequence[Net], results: Sequence[RunResult]) -> list[dict]:
     return records
 
 
-def _cell(spread: dict) -> str:
+def cell(spread: dict) -> str:
+    """'mean ± std', or the mean alone with one seed."""
     return f"{spread['mean']:.2f}" + (f" ± {spread['std']:.2f}" if spread["std"] is not None else "")
 
 
@@ -75,17 +92,19 @@ def markdown_table(records: Sequence[dict], with_shortcut: bool) -> str:
         )
         cells = [record["net"]] + ([record["shortcut"]] if with_shortcut else []) + [
             f"{record['params']:,}",
-            _cell(record["test_error_percent"]),
+            cell(record["test_error_percent"]),
             ", ".join(f"{value:.2f}" for value in record["test_error_percent"]["per_seed"]),
-            _cell(record["final_train_error_percent"]),
+            cell(record["final_train_error_percent"]),
             paper_cell,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def setting_notes(nets: Sequence[Net]) -> str:
-    """What the numbers are, and how far they are from the paper's setting."""
+def setting_notes(nets: Sequence[Net], family: str = "cifar", measured: str = TEST_ERROR_NOTE) -> str:
+    """What the numbers are (`measured` says what the error columns hold), and how far they
+    are from the setting of the paper's numbers for the `family`'s nets."""
+    recipe, paper_numbers, paper_schedule = PAPER_SETTINGS[family]
     config = nets[0].runs[0].config
     seeds = len(nets[0].runs)
     lines = [
@@ -93,14 +112,14 @@ def setting_notes(nets: Sequence[Net]) -> str:
         f"evaluated on the whole {config.dataset.eval_split!r} split; {config.num_train_steps} "
         f"iterations of batch {config.batch_size}, learning rate {config.learning_rate} divided by "
         f"{round(1 / config.lr_decay_factor)} at fractions {tuple(config.lr_boundaries)} of the run "
-        "(the paper's CIFAR recipe otherwise). Test error: the evaluation after the last "
-        f"iteration, mean ± sample std over {seeds} seed(s) (no std with one seed). Final train "
-        "error: the last logged interval, on augmented batches in training mode.",
+        f"(the paper's {recipe} recipe otherwise). {measured} mean ± sample std over {seeds} "
+        "seed(s) (no std with one seed). Final train error: the last logged interval, on "
+        "augmented batches in training mode.",
     ]
-    differences = paper_schedule_differences(config)
+    differences = paper_schedule_differences(config, paper_schedule)
     if differences:
         lines.append(
-            "The paper's numbers are CIFAR-10 test errors at 64k iterations of batch 128 (Table 6); "
+            f"The paper's numbers are {paper_numbers}; "
             f"this setting differs ({', '.join(differences)}), so they are context, not a target."
         )
     return "\n\n".join(lines) + "\n"

@@ -56,15 +56,18 @@ class RunOptions:
     """What the command line sets for every run of an experiment."""
 
     dataset: str
-    steps: int | None  # None: the paper's 64k iterations
+    steps: int | None  # None: the recipe's (the paper's 64k CIFAR, 60e4 ImageNet iterations)
     batch_size: int | None
     data_dir: str | None
     overrides: tuple[tuple[str, str], ...]  # --config.KEY=VALUE, applied last
 
 
-def run_config(model: str, seed: int, options: RunOptions, shortcut: str = "") -> ml_collections.ConfigDict:
-    """The paper's CIFAR recipe for `model`, changed only as the options say."""
-    config = config_lib.cifar_recipe(model, options.dataset)
+def run_config(model: str, seed: int, options: RunOptions, shortcut: str = "",
+               recipe: Callable[[str, str], ml_collections.ConfigDict] = config_lib.cifar_recipe,
+               ) -> ml_collections.ConfigDict:
+    """The paper's recipe for `model` (its CIFAR one unless `recipe` says otherwise),
+    changed only as the options say."""
+    config = recipe(model, options.dataset)
     config.seed = seed
     config.model.shortcut = shortcut
     if options.steps is not None:
@@ -79,7 +82,17 @@ def run_config(model: str, seed: int, options: RunOptions, shortcut: str = "") -
     if options.data_dir is not None:
         config.dataset.data_dir = options.data_dir
     config_lib.apply_overrides(config, options.overrides)
+    if config.dataset.name == "image_folder" and not config.dataset.num_classes:
+        # What training records in config.json: a repeated command then finds the same config.
+        config.dataset.num_classes = _folder_classes(config.dataset.data_dir)
     return config
+
+
+@functools.cache
+def _folder_classes(data_dir: str) -> int:
+    from resnet_jax.data.image_records import ImageFolder
+
+    return ImageFolder(data_dir, "train").num_classes
 
 
 def make_run(out: Path, name: str, config: ml_collections.ConfigDict) -> Run:
