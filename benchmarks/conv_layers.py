@@ -1,19 +1,24 @@
-"""Per-layer convolution timings of each `resnet_jax.cpu.fast_conv` path: the evidence for "auto".
+"""Per-layer timings of every formulation of each part of a convolution: the evidence for "auto".
 
-    python benchmarks/conv_layers.py [--layers=cifar|imagenet] [--reps=5]
+    python benchmarks/conv_layers.py [--layers=cifar|imagenet] [--reps=7] [--context=jit|scan]
+    RESNET_JAX_NATIVE_MARCH=x86-64-v3 python benchmarks/conv_layers.py   # the AVX2 kernels
 
 For every distinct convolution shape of the CIFAR ResNets (batch 128) or of ResNet-50
-(batch 8), times the forward pass, the gradient wrt the input and the gradient wrt the
-kernel, each compiled alone with its path's `compiler_options`, on each path ("xla",
-"auto", "shifted"), both as a plain jitted function and inside a `lax.scan` body, which
-is where the training step runs them and where XLA:CPU's own gradient convolutions are
-slow. Prints one markdown row per layer, part and context: the median milliseconds of
-`reps` calls after a warm-up.
+(batch 8), and for each part (forward pass, gradient wrt the input, gradient wrt the
+kernel), times `conv="xla"` (`lax.conv_general_dilated` and JAX's own gradient, compiled
+with its path's options) and each of `fast_conv.FORMULATIONS[part]` that applies
+(compiled as "auto" compiles them), either as a plain jitted function or inside a
+`lax.scan` body, where a multi-step dispatch runs them. Every variant of a row is
+compiled first, then called `reps` times in turn (interleaved: a change in the machine's
+load hits all of them alike); one markdown row per layer and part gives each median in
+milliseconds, the fastest formulation's speed-up over "xla", and what "auto" runs there
+(`fast_conv.choice`: read from this CPU's cache, or measured now and cached).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 
@@ -23,7 +28,8 @@ import numpy as np
 from jax import lax
 
 from resnet_jax.backend import keep_freed_memory_on_cpu
-from resnet_jax.cpu.fast_conv import CONV_PATHS, compiler_options, conv_general_dilated_for
+from resnet_jax.cpu import native_conv
+from resnet_jax.cpu.fast_conv import FORMULATIONS, PARTS, choice, compiler_options, formulation
 
 # (batch, size, in channels, out channels, kernel, stride): every distinct shape.
 LAYERS = {
@@ -36,68 +42,78 @@ LAYERS = {
         (8, 56, 256, 64, 1, 1), (8, 56, 256, 512, 1, 2), (8, 28, 128, 128, 3, 2), (8, 7, 512, 512, 3, 1),
     ],
 }
-# What nn.Conv passes for NHWC inputs and HWIO kernels.
-NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-PARTS = ("forward", "input_grad", "weight_grad")
+NAMES = ("conv", "xla", "shifted", "native")  # every formulation's column, in this order
+_CANONICAL = ("NHWC", "HWIO", "NHWC")
 
 
-def part_fn(path: str, part: str, kernel: int, stride: int):
-    """f(x, w, g) computing only `part` of one convolution (XLA drops the rest)."""
-    conv_fn = conv_general_dilated_for(path)
-    pad = ((kernel // 2, kernel // 2),) * 2
+def xla_part(part: str, x_shape, kernel_shape, strides, pads):
+    """`part` as conv="xla" computes it (JAX's own gradients), with `formulation`'s arguments."""
+    def conv(x, kernel):
+        return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_CANONICAL)
 
-    def conv(x, w):
-        return conv_fn(x, w, (stride, stride), pad, dimension_numbers=NHWC)
-
-    def f(x, w, g):
-        if part == "forward":
-            return conv(x, w)
-        _, vjp = jax.vjp(conv, x, w)
-        return vjp(g)[PARTS.index(part) - 1]
-
-    return f
+    if part == "forward":
+        return conv
+    if part == "input_grad":
+        return lambda grad_out, kernel: jax.vjp(lambda x: conv(x, kernel), jnp.zeros(x_shape))[1](grad_out)[0]
+    return lambda x, grad_out: jax.vjp(lambda k: conv(x, k), jnp.zeros(kernel_shape))[1](grad_out)[0]
 
 
 def in_scan_body(f):
     return lambda *args: lax.scan(lambda carry, _: (carry, f(*args)), 0, length=1)[1][0]
 
 
-def median_ms(f, args, reps: int) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def interleaved_medians(fns: dict, args, reps: int) -> dict[str, float]:
+    for f in fns.values():
         jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default="cifar", choices=tuple(LAYERS))
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--context", default="jit", choices=("jit", "scan"))
     args = p.parse_args()
     keep_freed_memory_on_cpu()  # as train.py does: no page faults on fresh outputs
     rng = np.random.default_rng(0)
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; median ms of {args.reps} calls")
-    print("| batch, size, in -> out, kernel/stride | part | context | " + " | ".join(CONV_PATHS) + " |")
-    print("|---|---|---|" + "---|" * len(CONV_PATHS))
+    library = native_conv.library()
+    print(f"jax {jax.__version__}, {platform.processor() or platform.machine()}, native kernels: "
+          f"{library.name if library else 'unavailable'}; median ms of {args.reps} interleaved calls, "
+          f"{args.context} context")
+    print("| batch, size, in -> out, kernel/stride | part | XLA (conv=\"xla\") | "
+          + " | ".join(NAMES) + " | fastest vs XLA | auto runs |")
+    print("|---|---|---|" + "---|" * len(NAMES) + "---|---|")
     for batch, size, c_in, c_out, kernel, stride in LAYERS[args.layers]:
+        strides, pads = (stride, stride), ((kernel // 2, kernel // 2),) * 2
+        x, w = (jax.ShapeDtypeStruct(shape, jnp.float32)
+                for shape in ((batch, size, size, c_in), (kernel, kernel, c_in, c_out)))
         out = (size + 2 * (kernel // 2) - kernel) // stride + 1
-        x, w, g = (
-            jnp.asarray(rng.standard_normal(shape), jnp.float32)
-            for shape in ((batch, size, size, c_in), (kernel, kernel, c_in, c_out), (batch, out, out, c_out))
-        )
+        arrays = {shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                  for shape in (x.shape, w.shape, (batch, out, out, c_out))}
         for part in PARTS:
-            for context in ("jit", "scan"):
-                times = []
-                for path in CONV_PATHS:
-                    f = part_fn(path, part, kernel, stride)
-                    fn = in_scan_body(f) if context == "scan" else f
-                    times.append(median_ms(jax.jit(fn, compiler_options=compiler_options(path)), (x, w, g),
-                                           args.reps))
-                print(f"| {batch}, {size}x{size}, {c_in} -> {c_out}, {kernel}x{kernel}/{stride} | {part} | "
-                      f"{context} | " + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
+            operands = {"forward": (x.shape, w.shape), "input_grad": ((batch, out, out, c_out), w.shape),
+                        "weight_grad": (x.shape, (batch, out, out, c_out))}[part]
+            part_args = tuple(arrays[shape] for shape in operands)
+            wrap = in_scan_body if args.context == "scan" else (lambda f: f)
+            fns = {"XLA": jax.jit(wrap(xla_part(part, x.shape, w.shape, strides, pads)),
+                                  compiler_options=compiler_options("xla"))}
+            for name in FORMULATIONS[part]:
+                fn = formulation(part, name, x.shape, w.shape, strides, pads)
+                if name != "native" or native_conv.used_by(fn, *part_args):
+                    fns[name] = jax.jit(wrap(fn), compiler_options=compiler_options("auto"))
+            ms = interleaved_medians(fns, part_args, args.reps)
+            fastest = min((name for name in fns if name != "XLA"), key=ms.get)
+            cells = [f"{ms[name]:.1f}" if name in ms else "" for name in NAMES]
+            print(f"| {batch}, {size}x{size}, {c_in} -> {c_out}, {kernel}x{kernel}/{stride} | {part} | "
+                  f"{ms['XLA']:.1f} | " + " | ".join(cells)
+                  + f" | {ms['XLA'] / ms[fastest]:.2f}x ({fastest}) | {choice(part, x, w, strides, pads)} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput of the project's own training step, on synthetic device-resident data.
 
     python benchmarks/train_throughput.py --model=resnet20 --batch_size=128 --steps=10 \
-        [--dtype=float32|bfloat16] [--image_size=32] [--steps_per_dispatch=1] [--conv=auto|xla|shifted] \
+        [--dtype=float32|bfloat16] [--image_size=32] [--steps_per_dispatch=1] [--conv=auto|xla] \
         [--keep_freed_memory=true|false]
 
 What is timed is `resnet_jax.train.make_train_step`, the step `train.py` runs: gather a

@@ -2,7 +2,7 @@
 options and the allocator setting; on GPU and TPU, none of it.
 
 On the CPU backend the model's convolutions take the `resnet_jax.cpu.fast_conv` path
-that the config key `model.conv` names ("auto", "xla", "shifted"), jit compiles with
+that the config key `model.conv` names ("auto", "xla"), jit compiles with
 that path's XLA options, and glibc keeps freed memory (`resnet_jax.cpu.allocator`). On
 GPU and TPU the model gets Flax's plain `nn.Conv`, jit no options, and the allocator is
 left alone, whatever the config says. The models never import this module: the

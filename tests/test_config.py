@@ -200,7 +200,7 @@ def test_bad_overrides_are_named(key, value, words):
     [
         ({"model.name": "resnet21"}, ["model.name", "6n+2"]),
         ({"model.shortcut": "D"}, ["model.shortcut", "'D'", "'A', 'B' or 'C'"]),
-        ({"model.conv": "native"}, ["model.conv", "'native'", "auto, xla, shifted", "CPU backend"]),
+        ({"model.conv": "native"}, ["model.conv", "'native'", "auto, xla (", "CPU backend"]),
         ({"dataset.name": "imagenet"}, ["dataset.name", "cifar10, cifar100, mnist, fashion_mnist"]),
         ({"batch_size": 100}, ["batch_size", "100", "multiple of the device count (8)"]),
         ({"learning_rate": -0.1}, ["learning_rate", "(0, 10]"]),

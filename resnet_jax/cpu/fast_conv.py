@@ -1,65 +1,65 @@
-"""A drop-in `lax.conv_general_dilated` whose gradients XLA:CPU runs fast.
+"""A drop-in `lax.conv_general_dilated` whose every part runs the fastest way measured on this CPU.
 
 Flax's `nn.Conv(..., conv_general_dilated=fn)` calls `fn` in place of the lax function,
 so a model keeps its parameter names, shapes and initialisation whichever path it uses.
 
-Why (measured on the project's 2-core CPU, jax 0.10.2; `benchmarks/conv_layers.py`):
-XLA:CPU runs a convolution fast only in its canonical form (NHWC input, HWIO kernel).
-Outside loops its layout passes rewrite autodiff's gradient convolutions into that form,
-but inside a loop body, such as the training step's `lax.scan`, they are left as they
-are and fall to a generic loop nest: the weight gradient of a 3x3 layer becomes 50-100x
-slower, the input gradient 3-40x, and the ResNet-20 training step ~30x. The backward pass
-here writes both gradients with the transposes made explicit, so that each convolution
-is canonical wherever it is traced:
-- gradient wrt the input: the usual transposed convolution (flipped kernel with its
-  in/out axes swapped), for a strided kernel larger than 1x1 that of the equivalent
-  stride-1 convolution of the input's space-to-depth rearrangement, so that no dilated
-  output gradient, mostly zeros, is convolved;
-- gradient wrt the kernel: either convolutions of the input with the output gradient,
-  batch and channel axes swapped, over chunks of the batch in a loop
-  (`_weight_grad_conv`), or a sum over the kernel offsets of `einsum('bhwc,bhwo->co',
-  shifted input, output gradient)` (`_weight_grad_shifted`). For a 1x1 kernel the
-  latter is one matrix product, 2-6x faster than XLA's convolution; for larger kernels
-  it is 1-7x slower.
-The forward pass is XLA's own convolution, already canonical.
-
-On a single CPU device, "auto" goes further: float32 convolutions whose output channels
-are a multiple of 16 and whose kernel is under 1 MiB run on `native_conv`'s direct
-kernels, called through XLA's FFI, for the forward pass, the weight gradient and the
-stride-1 input gradient (that of a strided kernel too, after space-to-depth, when its
-input channels are a multiple of 16). On ResNet-20's layers their weight gradients are
-1.0-2.8x as fast as XLA's Eigen kernels, their forward passes and input gradients
-0.9-1.3x. The rest keeps the paths above; so does everything when the kernels cannot be
-built (no C++ compiler). The kernels have no derivative of their own: second-order
-derivatives need "xla".
-
 Paths (the config key `model.conv`; training gives the model `nn.Conv` with the path's
-function on the CPU backend, see `resnet_jax/backend.py`):
+function, `conv_general_dilated_for(path)`, on the CPU backend, see `resnet_jax/backend.py`):
 - "xla": `lax.conv_general_dilated` with JAX's own gradients;
-- "shifted": the custom gradients, every weight gradient as shifted einsums, no native
-  kernels;
-- "auto" (default): on the CPU backend, the native kernels where they apply, otherwise
-  the custom gradients with each layer's faster weight gradient (shifted einsums for 1x1
-  kernels, the chunked convolutions otherwise); on other backends, "xla".
-`compiler_options(path)` are the XLA options to compile a computation using a path with
-(`train.py` passes them to `jax.jit`): on the CPU, XLA's own convolution kernels rather
-than YNNPACK's, which are slower for these layers.
-Convolutions this module does not cover (grouped, dilated, other layouts, a requested
-output dtype) use "xla" on every path. Results equal "xla" to float rounding.
+- "auto" (default): on the CPU backend, a custom-VJP convolution whose forward pass,
+  input gradient and weight gradient each run the formulation that `conv_choice`
+  measured fastest for the layer's shape on this CPU (once, then cached); on other
+  backends, "xla". It is "xla" or faster on every layer by construction, as XLA's own
+  convolution is one of the candidates of each part.
+
+The formulations (`FORMULATIONS`; `benchmarks/conv_layers.py` times each one per layer,
+`benchmarks/RESULTS.md` records where each wins):
+- forward: "xla" (`lax.conv_general_dilated`) or "native" (`native_conv`'s direct kernels,
+  through XLA's FFI, where `native_conv.supported`: float32, output channels a multiple
+  of 16, a kernel under 1 MiB, one CPU device, the kernels built; a candidate only there);
+- input gradient: "xla", the transposed convolution (the flipped kernel, its in/out axes
+  swapped), for a strided kernel larger than 1x1 that of the equivalent stride-1
+  convolution of the input's space-to-depth rearrangement, so that no dilated output
+  gradient, mostly zeros, is convolved; or "native", the same stride-1 convolution on
+  the native kernels where they apply;
+- weight gradient: "conv", convolutions of the input with the output gradient, batch
+  and channel axes swapped, over chunks of the batch in a loop (`_weight_grad_conv`);
+  "shifted", a sum over the kernel offsets of `einsum('bhwc,bhwo->co', shifted input,
+  output gradient)`; or "native".
+Why these and not autodiff's: XLA:CPU runs a convolution fast only in its canonical form
+(NHWC input, HWIO kernel); outside loops its layout passes rewrite autodiff's gradient
+convolutions into that form, but inside a loop body, such as a multi-step dispatch's
+`lax.scan`, they fall to a generic loop nest tens of times slower. Every formulation here
+is canonical wherever it is traced. The native kernels have no derivative of their own:
+second-order derivatives need "xla". Convolutions this module does not cover (grouped,
+dilated, other layouts, a requested output dtype) use "xla" on every path. Results equal
+"xla" to float rounding.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax.cpu import native_conv
+from resnet_jax.cpu import conv_choice, native_conv
 
-CONV_PATHS = ("auto", "xla", "shifted")
+CONV_PATHS = ("auto", "xla")
+PARTS = ("forward", "input_grad", "weight_grad")
+# Each part's formulations; the first is XLA's own convolution, what "auto" uses unmeasured.
+FORMULATIONS = {
+    "forward": ("xla", "native"),
+    "input_grad": ("xla", "native"),
+    "weight_grad": ("conv", "shifted", "native"),
+}
+# Multiply-adds below which a convolution is not measured: its time is mostly dispatch,
+# and measuring it would cost more than choosing could save (ResNet-20's layers at batch
+# 128 have 75M each).
+MIN_MEASURED_MACS = 1 << 24
 # Examples per weight-gradient convolution (see _weight_grad_conv).
 WEIGHT_GRAD_CHUNK = 16
 # What Flax's nn.Conv passes for NHWC inputs and HWIO kernels.
@@ -71,20 +71,20 @@ def conv_general_dilated_for(path: str) -> Callable:
     """The `conv_general_dilated` to give `nn.Conv` for `path` (one of `CONV_PATHS`)."""
     if path not in CONV_PATHS:
         raise ValueError(f"conv={path!r} is not supported; accepted: {', '.join(map(repr, CONV_PATHS))}")
-    if path == "xla" or (path == "auto" and jax.default_backend() != "cpu"):
+    if path == "xla" or jax.default_backend() != "cpu":
         return lax.conv_general_dilated
-    return _SHIFTED if path == "shifted" else _AUTO
+    return conv_general_dilated
 
 
 def compiler_options(path: str) -> dict[str, str]:
     """XLA options for compiling a computation whose convolutions take `path`.
 
-    On the CPU backend, "auto" and "shifted" keep YNNPACK, which XLA:CPU uses by default
-    for some convolutions, matrix products and reductions, to the reductions only: there
-    it is 5x faster than XLA's own code (the BN statistics), but its convolutions are
-    slower than XLA's Eigen ones (ResNet-20's 3x3 layer of 32 channels at 16x16, forward:
-    6.5 ms against 3.7 ms; its training step: 1.2x faster without them). Empty where the
-    option does not apply ("xla", other backends, an XLA without the option).
+    On the CPU backend, "auto" keeps YNNPACK, which XLA:CPU uses by default for some
+    convolutions, matrix products and reductions, to the reductions only: there it is
+    faster than XLA's own code (the BN statistics), but its convolutions were slower than
+    XLA's Eigen ones on every ResNet layer measured, and the training step faster without
+    them (`benchmarks/RESULTS.md`). Empty where the option does not apply ("xla", other
+    backends, an XLA without the option).
     """
     if conv_general_dilated_for(path) is lax.conv_general_dilated or not _has_ynn_option():
         return {}
@@ -116,15 +116,8 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision: lax.PrecisionLike = None,
     preferred_element_type: jnp.dtype | None = None,
-    *,
-    weight_grad: str = "auto",
 ) -> jax.Array:
-    """`lax.conv_general_dilated` (same arguments) with the backward pass described above.
-
-    `weight_grad`: "auto" (the native kernels where `native_conv.supported`, else shifted
-    einsums for 1x1 kernels and chunked canonical convolutions otherwise) or "shifted"
-    (shifted einsums for every kernel, no native kernels).
-    """
+    """`lax.conv_general_dilated` (same arguments), each part computed by its chosen formulation."""
     covered = (
         lhs.ndim == 4 and dimension_numbers == _NHWC and feature_group_count == 1
         and batch_group_count == 1 and preferred_element_type is None
@@ -138,40 +131,86 @@ def conv_general_dilated(
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    native = weight_grad == "auto" and native_conv.supported(lhs, rhs.shape, pads)
-    shifted = weight_grad == "shifted" or rhs.shape[:2] == (1, 1)
-    return _conv(lhs, rhs, tuple(window_strides), pads, precision, native, shifted)
+    return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
 
 
-_AUTO = functools.partial(conv_general_dilated, weight_grad="auto")
-_SHIFTED = functools.partial(conv_general_dilated, weight_grad="shifted")
+def formulation(part: str, name: str, x_shape: Sequence[int], kernel_shape: Sequence[int],
+                strides: Sequence[int], pads: Sequence[tuple[int, int]], precision=None) -> Callable:
+    """`part` of the convolution of an NHWC input of `x_shape` with an HWIO kernel of
+    `kernel_shape`, computed by formulation `name` (one of `FORMULATIONS[part]`): a
+    function of (input, kernel) for "forward", (output gradient, kernel) for
+    "input_grad", (input, output gradient) for "weight_grad"."""
+    if name not in FORMULATIONS[part]:
+        raise ValueError(f"{part} has no formulation {name!r}; accepted: {', '.join(FORMULATIONS[part])}")
+    native = name == "native"
+    if part == "forward":
+        return lambda x, kernel: _forward(x, kernel, strides, pads, precision, native)
+    if part == "input_grad":
+        return lambda grad_out, kernel: _input_grad(
+            grad_out, kernel, x_shape, strides, pads, precision, native
+        )
+    weight_grad = {"conv": _weight_grad_conv, "shifted": _weight_grad_shifted,
+                   "native": _weight_grad_native}[name]
+    return lambda x, grad_out: weight_grad(x, grad_out, kernel_shape, strides, pads, precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _conv(x, kernel, strides, pads, precision, native, shifted):
-    if native:
+def argument_shapes(part: str, x: jax.ShapeDtypeStruct, kernel: jax.ShapeDtypeStruct,
+                    strides: Sequence[int], pads: Sequence[tuple[int, int]]) -> tuple:
+    """The shapes and dtypes of the two arguments of `formulation(part, ...)`."""
+    out = jax.eval_shape(lambda x, kernel: _forward(x, kernel, strides, pads, None, False), x, kernel)
+    return {"forward": (x, kernel), "input_grad": (out, kernel), "weight_grad": (x, out)}[part]
+
+
+def choice(part: str, x: jax.ShapeDtypeStruct, kernel: jax.ShapeDtypeStruct, strides: Sequence[int],
+           pads: Sequence[tuple[int, int]], precision=None) -> str:
+    """The formulation "auto" computes `part` of this convolution with: for one of under
+    `MIN_MEASURED_MACS` multiply-adds, the first of `FORMULATIONS[part]`, XLA's own
+    convolution, unmeasured; else the fastest of those that apply here, as `conv_choice`
+    measured them on this CPU."""
+    x, kernel = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, kernel))
+    specs = argument_shapes(part, x, kernel, strides, pads)
+    out = argument_shapes("input_grad", x, kernel, strides, pads)[0]
+    if math.prod(kernel.shape[:3]) * math.prod(out.shape) < MIN_MEASURED_MACS:
+        return FORMULATIONS[part][0]
+    candidates = {name: formulation(part, name, x.shape, kernel.shape, strides, pads, precision)
+                  for name in FORMULATIONS[part]}
+    if not native_conv.used_by(candidates["native"], *specs):
+        del candidates["native"]  # it would compute what another one does
+    key = (f"{part} {x.dtype} input {x.shape} kernel {kernel.shape} strides {tuple(strides)} "
+           f"pads {tuple(pads)}: {', '.join(candidates)}")
+    return conv_choice.choose(key, {name: (fn, specs) for name, fn in candidates.items()},
+                              compiler_options("auto"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, strides, pads, precision):
+    name = choice("forward", x, kernel, strides, pads, precision)
+    return formulation("forward", name, x.shape, kernel.shape, strides, pads, precision)(x, kernel)
+
+
+def _conv_fwd(x, kernel, strides, pads, precision):
+    return _conv(x, kernel, strides, pads, precision), (x, kernel)
+
+
+def _conv_bwd(strides, pads, precision, residuals, grad_out):
+    x, kernel = residuals
+    grads = []
+    for part, args in (("input_grad", (grad_out, kernel)), ("weight_grad", (x, grad_out))):
+        name = choice(part, x, kernel, strides, pads, precision)
+        grads.append(formulation(part, name, x.shape, kernel.shape, strides, pads, precision)(*args))
+    return tuple(grads)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _forward(x, kernel, strides, pads, precision, native):
+    """With `native`, on `native_conv` where it supports the convolution."""
+    if native and native_conv.supported(x, kernel.shape, pads):
         return native_conv.forward(x, kernel, strides, pads)
     return lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=_CANONICAL, precision=precision
     )
-
-
-def _conv_fwd(x, kernel, strides, pads, precision, native, shifted):
-    return _conv(x, kernel, strides, pads, precision, native, shifted), (x, kernel)
-
-
-def _conv_bwd(strides, pads, precision, native, shifted, residuals, grad_out):
-    x, kernel = residuals
-    if native:
-        weight_grad = native_conv.weight_grad(x, grad_out, kernel.shape, strides, pads)
-    else:
-        weight_grad = (_weight_grad_shifted if shifted else _weight_grad_conv)(
-            x, grad_out, kernel.shape, strides, pads, precision
-        )
-    return _input_grad(grad_out, kernel, x.shape, strides, pads, precision, native), weight_grad
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _input_grad(grad_out, kernel, x_shape, strides, pads, precision, native):
@@ -206,8 +245,8 @@ def _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precisi
     sh * sw * C channels) with a ceil(kh / sh) x ceil(kw / sw) kernel, zero where the
     strided kernel has no tap. The gradient of that stride-1 convolution is a plain
     transposed convolution, rearranged back with depth-to-space and cropped to the input.
-    The dilated form spends most of its time on the zeros the dilation inserts: 2.5x
-    slower for ResNet-20's 16 -> 32 channel downsampling layer (`benchmarks/conv_layers.py`).
+    The dilated form spends most of its time on the zeros the dilation inserts
+    (`benchmarks/RESULTS.md`).
     """
     (kh, kw), (sh, sw) = kernel.shape[:2], strides
     c_in, c_out = kernel.shape[2:]
@@ -246,11 +285,9 @@ def _weight_grad_conv(x, grad_out, kernel_shape, strides, pads, precision):
     whole batch at once, XLA fuses the recomputation of x (BN, ReLU, the residual
     additions) into the transpose that moves the examples innermost, and reading a batch
     in that order misses the cache on nearly every element; a loop body gets x as it is
-    stored and transposes a chunk that stays in cache (ResNet-20 step: 1.4x faster than
-    the whole batch at once; chunks of 8 to 32 alike, of 4 slower; the same chunks
-    unrolled instead of looped ran as fast and compiled 3x slower). With XLA's own (Eigen)
-    convolutions, chunks of 16 beat 8 by 2-15% on ResNet-20's layers. The padding stays
-    inside the convolution: a padded, transposed copy of x was 3-4x slower.
+    stored and transposes a chunk that stays in cache. The padding stays inside the
+    convolution: a padded, transposed copy of x was slower (`benchmarks/RESULTS.md`
+    records the chunk sizes and variants measured).
     """
     padding = [
         (lo, k + s * (out - 1) - size - lo)  # the trailing end the last window reaches
@@ -280,6 +317,13 @@ def _weight_grad_conv(x, grad_out, kernel_shape, strides, pads, precision):
     if full < batch:
         total += chunk_grad(x[full:], grad_out[full:])
     return jnp.transpose(total, (1, 2, 0, 3)).astype(x.dtype)
+
+
+def _weight_grad_native(x, grad_out, kernel_shape, strides, pads, precision):
+    """On `native_conv` where it supports the convolution, else `_weight_grad_conv`."""
+    if native_conv.supported(x, kernel_shape, pads):
+        return native_conv.weight_grad(x, grad_out, kernel_shape, strides, pads)
+    return _weight_grad_conv(x, grad_out, kernel_shape, strides, pads, precision)
 
 
 def _weight_grad_shifted(x, grad_out, kernel_shape, strides, pads, precision):

@@ -1,17 +1,21 @@
 """Native CPU convolution kernels (`native/conv_cpu.cc`), called from XLA through its FFI.
 
-XLA:CPU's Eigen convolutions run ResNet's 16-channel layers at about 60% of the rate
-they reach on wider ones, and weight gradients slower than forward passes; these direct
-kernels run ResNet-20's at 67-195 GFLOP/s on the project's 2-core CPU, against Eigen's
-62-175 (`benchmarks/RESULTS.md`). `fast_conv` uses them on the "auto" path where
-`supported` says they apply; everything else keeps XLA's own convolutions.
+XLA:CPU's Eigen convolutions run ResNet's narrow layers (16 channels) and its weight
+gradients well below the CPU's peak; these direct kernels keep a tile of outputs in
+vector registers instead, with tile shapes chosen at compile time for the target's
+vector width and register count (AVX-512, AVX2, SSE). Where they are faster than XLA's
+on the CPU at hand is measured, not assumed: `fast_conv` offers them as one candidate
+per part of a convolution where `supported` says they apply, and `conv_choice` keeps
+them only where they win (`benchmarks/RESULTS.md` has the figures).
 
 The kernels are compiled from source the first time they are needed, with the C++
-compiler named by `$CXX` (default `g++`) for this CPU (`-march=native`), into
-`$XDG_CACHE_HOME/resnet_jax` (default `~/.cache/resnet_jax`), under a name that hashes
-the source, the flags, the compiler, JAX's FFI headers and the CPU, so a changed one is
-rebuilt rather than reused. Without a compiler, or if the build fails, the kernels are
-unavailable: a warning says why, and the fast paths run XLA's convolutions as before.
+compiler named by `$CXX` (default `g++`) for the CPU named by `$RESNET_JAX_NATIVE_MARCH`
+(g++'s `-march`; default `native`, this CPU; `x86-64-v3` builds the AVX2 code on any
+x86-64 CPU that has it), into `$XDG_CACHE_HOME/resnet_jax` (default
+`~/.cache/resnet_jax`), under a name that hashes the source, the flags, the compiler,
+JAX's FFI headers and the CPU, so a changed one is rebuilt rather than reused. Without a
+compiler, or if the build fails, the kernels are unavailable: a warning says why, and
+XLA's convolutions run instead.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).parent / "native" / "conv_cpu.cc"
-FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-std=gnu++17", "-shared", "-fPIC", "-w")
+# The CPU the kernels are compiled for (g++'s -march): this one by default.
+MARCH_VARIABLE = "RESNET_JAX_NATIVE_MARCH"
 # The FFI targets, as the handlers are named in the source.
 _TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
             "resnet_jax_conv_weight_grad": "ResnetJaxConvWeightGrad"}
-# Output channels come in tiles of one 16-float vector.
+# Output channels come in whole vectors of every width the kernels are built for.
 CHANNEL_MULTIPLE = 16
 # The kernels stream the kernel from the L2 cache for every tile of pixels: larger ones
-# (ResNet-50's from conv4_x on) ran at or below XLA's speed (`benchmarks/RESULTS.md`).
+# (ResNet-50's from conv4_x on) ran at or below XLA's speed (`benchmarks/RESULTS.md`), and
+# measuring them would only lengthen the first run.
 MAX_KERNEL_BYTES = 1 << 20
 
 _log = logging.getLogger(__name__)
@@ -82,6 +89,12 @@ def weight_grad(x: jax.Array, grad_out: jax.Array, kernel_shape: Sequence[int], 
     return _call("resnet_jax_conv_weight_grad", tuple(kernel_shape), x, grad_out, strides, pads)
 
 
+def used_by(fn, *args: jax.ShapeDtypeStruct) -> bool:
+    """Whether `fn(*args)` calls the native kernels."""
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    return any(target in jaxpr for target in _TARGETS)
+
+
 def _call(target: str, out_shape: tuple, a: jax.Array, b: jax.Array, strides, pads) -> jax.Array:
     # The trailing padding is implied by the output's size.
     (pad_h, _), (pad_w, _) = pads
@@ -91,19 +104,30 @@ def _call(target: str, out_shape: tuple, a: jax.Array, b: jax.Array, strides, pa
       pad_h=np.int64(pad_h), pad_w=np.int64(pad_w))
 
 
-@functools.cache
 def available() -> bool:
     """Whether the kernels are built (building them now if need be) and registered with XLA."""
+    return library() is not None
+
+
+@functools.cache
+def library() -> pathlib.Path | None:
+    """The built kernels' file, registered with XLA; None (and a warning) if they cannot be built."""
     try:
-        library = ctypes.CDLL(str(_build()))
+        path = _build()
+        handle = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
         detail = getattr(error, "stderr", "") or ""
         _log.warning("resnet_jax: native CPU convolutions unavailable, using XLA's (%s) %s",
                      error, detail[-2000:])
-        return False
+        return None
     for target, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return True
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
+    return path
+
+
+def cache_dir() -> pathlib.Path:
+    """Where the built kernels (and `conv_choice`'s measurements) are kept."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "resnet_jax"
 
 
 def _build() -> pathlib.Path:
@@ -114,26 +138,27 @@ def _build() -> pathlib.Path:
     include = jax.ffi.include_dir()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_description(),
+    flags = (*FLAGS, f"-march={os.environ.get(MARCH_VARIABLE) or 'native'}")
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), cpu_description(),
                  (pathlib.Path(include) / "xla" / "ffi" / "api" / "c_api.h").read_bytes()):
         digest.update(hashlib.sha256(part).digest())
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "resnet_jax"
-    library = cache / f"conv_cpu-{digest.hexdigest()[:16]}.so"
-    if library.exists():
-        return library
+    cache = cache_dir()
+    target = cache / f"conv_cpu-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
     cache.mkdir(parents=True, exist_ok=True)
-    _log.info("resnet_jax: compiling the native CPU convolutions into %s", library)
+    _log.info("resnet_jax: compiling the native CPU convolutions into %s", target)
     # Built under a temporary name and renamed: concurrent processes never load half a file.
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
-        built = pathlib.Path(scratch) / library.name
-        subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(built)],
+        built = pathlib.Path(scratch) / target.name
+        subprocess.run([compiler, *flags, f"-I{include}", str(SOURCE), "-o", str(built)],
                        capture_output=True, text=True, check=True)
-        os.replace(built, library)
-    return library
+        os.replace(built, target)
+    return target
 
 
-def _cpu_description() -> bytes:
-    """What `-march=native` compiles for: the CPU's model and feature flags."""
+def cpu_description() -> bytes:
+    """The CPU's model and feature flags: what `-march=native` compiles for."""
     try:
         lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:

@@ -1,15 +1,13 @@
 // Direct convolution kernels for XLA:CPU, called through XLA's FFI (see
-// resnet_jax/native_conv.py, which builds this file and registers the handlers).
+// resnet_jax/cpu/native_conv.py, which builds this file and registers the handlers).
 //
-// Why: XLA:CPU's Eigen convolutions run ResNet's narrow layers (16 channels) at about
-// 60% of the machine's peak, and its weight gradients at 40-80% (benchmarks/RESULTS.md).
-// These kernels keep a tile of outputs in vector registers and stream the input through
+// Why: XLA:CPU's Eigen convolutions run ResNet's narrow layers (16 channels) and its
+// weight gradients well below the machine's peak (benchmarks/RESULTS.md). These kernels keep a tile of outputs in vector registers and stream the input through
 // them as broadcast multiply-adds, which is how the libraries PyTorch calls do it.
 //
 // Layouts are XLA's canonical ones: input NHWC, kernel HWIO, output NHWC, all float32
 // and row-major. Padding is handled here (no padded copy of the input is made): taps that
-// fall outside the input are skipped. Output channels must be a multiple of 16, the
-// width of one register tile row (the Python side only routes such layers here).
+// fall outside the input are skipped. Output channels must be a multiple of 16.
 //
 // The key fact used throughout: for a fixed kernel row kh, the taps (kw, c) of one output
 // pixel read kw * C + c elements past the pixel's first input element, a contiguous run
@@ -22,11 +20,12 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <thread>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -40,8 +39,27 @@ namespace {
 using Image = ffi::Buffer<ffi::F32, 4>;
 using ImageResult = ffi::ResultBuffer<ffi::F32, 4>;
 
-constexpr int kLanes = 16;  // floats per vector: one AVX-512 register, two AVX2 ones
+// The target's vector registers, as the compiler's flags (-march) define them. Vectors
+// wider than the registers would be split by the compiler and the tiles below spilled to
+// memory: AVX-512's tile shapes built for AVX2 ran 10-100x slower (benchmarks/RESULTS.md).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRegisters = 16;
+#else
+constexpr int kLanes = 4, kRegisters = 16;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+// Output channels come in multiples of 16 (what the Python side routes here): whole
+// vectors for every width above.
+constexpr int64_t kChannelMultiple = 16;
+
+// A register tile holds P x B accumulators (P pixels or kernel taps by B vectors of output
+// channels), B vectors of the other operand and a broadcast: 3/4 of the registers for the
+// accumulators leaves room for the rest with B up to 4 (24 on AVX-512, 12 on AVX2; the
+// best of the budgets measured on both builds).
+constexpr int kAccumulators = kRegisters * 3 / 4;
+constexpr int MaxTilePixels(int b) { return kAccumulators / b; }
 
 inline Vec Load(const float* p) {
   Vec v;
@@ -54,28 +72,33 @@ inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 // Runs fn(0) .. fn(n - 1) on the calling thread and the intra-op pool's threads. Items are
 // claimed from a shared counter, so the caller never waits on an item nobody has started
 // (no deadlock when every pool thread is busy: the caller then runs all items itself).
+// The caller then sleeps until the items others claimed are done: spinning would take a
+// core from the very threads it waits for, and from XLA's, whenever threads outnumber cores.
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
   struct State {
     std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t n;
+    int64_t n, done = 0;  // done: guarded by mutex
     std::function<void(int64_t)> fn;
+    std::mutex mutex;
+    std::condition_variable all_done;
   };
   auto state = std::make_shared<State>();
   state->n = n;
   state->fn = fn;
   auto work = [](State& s) {
-    for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n;) {
-      s.fn(i);
-      s.done.fetch_add(1, std::memory_order_release);
-    }
+    int64_t finished = 0;
+    for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n; ++finished) s.fn(i);
+    if (finished == 0) return;
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if ((s.done += finished) == s.n) s.all_done.notify_all();
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
   // A helper that starts after all items are claimed finds nothing to do; the shared state
   // outlives this call for it.
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, work] { work(*state); });
   work(*state);
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->all_done.wait(lock, [&] { return state->done == n; });
 }
 
 struct Geometry {
@@ -113,7 +136,7 @@ struct Geometry {
 // ---------------------------------------------------------------------------------------
 // Forward: out[n, y, x, o] = sum over taps of in[n, y*sh + i - ph, x*sw + j - pw, c] * k[i, j, c, o].
 
-// P output pixels of one row by B * 16 output channels. `in` points at the input element
+// P output pixels of one row by B * kLanes output channels. `in` points at the input element
 // of the first pixel's window origin (row kh_lo is the first row read); runs [j_lo, j_hi)
 // of each kernel row are read.
 template <int P, int B>
@@ -146,13 +169,11 @@ constexpr std::array<ForwardTileFn, sizeof...(P)> ForwardTiles(std::integer_sequ
   return {&ForwardTile<P + 1, B>...};
 }
 
-// Register budget: 32 vector registers (AVX-512) hold P * B accumulators and B kernel rows.
-constexpr int kMaxTilePixels[] = {0, 24, 12, 0, 6};  // by B
-constexpr auto kForward1 = ForwardTiles<1>(std::make_integer_sequence<int, 24>());
-constexpr auto kForward2 = ForwardTiles<2>(std::make_integer_sequence<int, 12>());
-constexpr auto kForward4 = ForwardTiles<4>(std::make_integer_sequence<int, 6>());
+constexpr auto kForward1 = ForwardTiles<1>(std::make_integer_sequence<int, MaxTilePixels(1)>());
+constexpr auto kForward2 = ForwardTiles<2>(std::make_integer_sequence<int, MaxTilePixels(2)>());
+constexpr auto kForward4 = ForwardTiles<4>(std::make_integer_sequence<int, MaxTilePixels(4)>());
 
-int BlocksPerTile(int64_t o) { return o % 64 == 0 ? 4 : o % 32 == 0 ? 2 : 1; }
+int BlocksPerTile(int64_t o) { return o % (4 * kLanes) == 0 ? 4 : o % (2 * kLanes) == 0 ? 2 : 1; }
 
 ForwardTileFn ForwardTileFor(int b, int64_t p) {
   return b == 4 ? kForward4[p - 1] : b == 2 ? kForward2[p - 1] : kForward1[p - 1];
@@ -163,9 +184,9 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* in, const fl
   const int b = BlocksPerTile(g.o);
   const int64_t run = g.RowRun(), pixel_step = g.sw * g.c, row_step = g.w * g.c;
   const auto [first, last] = g.InteriorColumns();
-  // Interior columns in equal tiles of at most kMaxTilePixels[b] pixels.
+  // Interior columns in equal tiles of at most MaxTilePixels(b) pixels.
   const int64_t interior = last - first;
-  const int64_t tiles = (interior + kMaxTilePixels[b] - 1) / kMaxTilePixels[b];
+  const int64_t tiles = (interior + MaxTilePixels(b) - 1) / MaxTilePixels(b);
   const int64_t tile_pixels = tiles ? (interior + tiles - 1) / tiles : 0;
   ParallelFor(pool, g.n * g.ho, [&](int64_t row) {
     const int64_t n = row / g.ho, y = row % g.ho;
@@ -193,7 +214,7 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* in, const fl
 // * grad[n, y, x, o] (taps outside the input contribute nothing).
 
 // Adds one image's contribution to a tile of R consecutive run elements [j0, j0 + R) of
-// kernel row i by B * 16 output channels, held at `acc_out` (row stride o).
+// kernel row i by B * kLanes output channels, held at `acc_out` (row stride o).
 template <int R, int B>
 void WeightGradTile(const Geometry& g, const float* in_image, const float* grad_image, int64_t i,
                     int64_t j0, int64_t ob, float* acc_out) {
@@ -239,9 +260,9 @@ constexpr std::array<WeightGradTileFn, sizeof...(R)> WeightGradTiles(
   return {&WeightGradTile<R + 1, B>...};
 }
 
-constexpr auto kWeightGrad1 = WeightGradTiles<1>(std::make_integer_sequence<int, 24>());
-constexpr auto kWeightGrad2 = WeightGradTiles<2>(std::make_integer_sequence<int, 12>());
-constexpr auto kWeightGrad4 = WeightGradTiles<4>(std::make_integer_sequence<int, 6>());
+constexpr auto kWeightGrad1 = WeightGradTiles<1>(std::make_integer_sequence<int, MaxTilePixels(1)>());
+constexpr auto kWeightGrad2 = WeightGradTiles<2>(std::make_integer_sequence<int, MaxTilePixels(2)>());
+constexpr auto kWeightGrad4 = WeightGradTiles<4>(std::make_integer_sequence<int, MaxTilePixels(4)>());
 
 WeightGradTileFn WeightGradTileFor(int b, int64_t r) {
   return b == 4 ? kWeightGrad4[r - 1] : b == 2 ? kWeightGrad2[r - 1] : kWeightGrad1[r - 1];
@@ -254,7 +275,7 @@ void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const float* in, const
                 float* out) {
   const int b = BlocksPerTile(g.o);
   const int64_t run = g.RowRun(), size = g.kh * run * g.o;
-  const int64_t max_rows = kMaxTilePixels[b];
+  const int64_t max_rows = MaxTilePixels(b);
   constexpr int64_t kMaxParts = 16, kPartBudget = 32 << 20;  // bytes for the copies
   const int64_t parts = std::clamp<int64_t>(
       std::min<int64_t>(kMaxParts, kPartBudget / (size * int64_t{sizeof(float)})), 1, g.n);
@@ -314,7 +335,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, Image in, Image kernel, ImageResult
                        int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w) {
   const Geometry g = GeometryOf(in.dimensions(), kernel.dimensions(), out->dimensions(),
                                 stride_h, stride_w, pad_h, pad_w);
-  if (g.o % kLanes != 0) return ChannelError();
+  if (g.o % kChannelMultiple != 0) return ChannelError();
   Forward(pool, g, in.typed_data(), kernel.typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
@@ -323,7 +344,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, Image in, Image grad, ImageResul
                           int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w) {
   const Geometry g = GeometryOf(in.dimensions(), out->dimensions(), grad.dimensions(),
                                 stride_h, stride_w, pad_h, pad_w);
-  if (g.o % kLanes != 0) return ChannelError();
+  if (g.o % kChannelMultiple != 0) return ChannelError();
   WeightGrad(pool, g, in.typed_data(), grad.typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
