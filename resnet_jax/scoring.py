@@ -57,6 +57,10 @@ def spatial_scores(model: ResNet, variables: dict, images: jnp.ndarray, valid: j
     ReLU, is the max pool's input), which is exactly what the zero padding around the image
     alone gives each layer.
     """
+    builds = getattr(model.conv, "func", model.conv)  # nn.Conv, or a functools.partial of it
+    if not (isinstance(builds, type) and issubclass(builds, nn.Conv)):
+        raise ValueError(f"multi-scale scoring masks nn.Conv layers; this model's conv is {model.conv!r}: "
+                         "build it with nn.Conv (the default) or a functools.partial of nn.Conv")
     canvas = images.shape[1:3]
 
     def zero_outside_the_image(next_fun, args, kwargs, context):

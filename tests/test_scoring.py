@@ -145,3 +145,10 @@ def test_center_scores_are_the_logits():
     images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
     np.testing.assert_array_equal(scoring.class_scores(model, variables, images, "center"),
                                   model.apply(variables, images))
+
+
+def test_multi_scale_refuses_a_model_whose_convolutions_it_cannot_mask():
+    model, variables = model_and_variables()
+    custom = model.clone(conv=lambda *args, **kwargs: model.conv(*args, **kwargs))
+    with pytest.raises(ValueError, match="masks nn.Conv layers"):
+        scoring.spatial_scores(custom, variables, jnp.zeros((1, 8, 8, 3)), jnp.asarray([[8, 6]]))
