@@ -420,6 +420,10 @@ def train_and_evaluate(
                     warmup_end = values["lr_warmup_end"] = step  # the next step runs at the main rate
                     state = state.replace(lr_warmup_end=jax.make_array_from_process_local_data(
                         parallel.replicated, np.int32(step)))
+                    if progress.enabled:
+                        print(f"warm-up ended at step {step}: training error {values['train_error']:.3f} < "
+                              f"{config.lr_warmup_until_error}; learning rate "
+                              f"{float(schedule(step, warmup_end)):.4g} from here", flush=True)
                 if timed_steps:
                     values["images_per_sec"] = timed_steps * config.batch_size / elapsed
                 writer.write(step, values)

@@ -71,7 +71,10 @@ def test_a_run_resumed_before_or_after_the_switch_continues_as_if_never_stopped(
             shutil.rmtree(workdir / "checkpoints" / str(step))
     capsys.readouterr()
     train_and_evaluate(warmup_config(data_dir), workdir)
-    assert f"resuming at step {resume_at}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resuming at step {resume_at}" in out
+    # Resumed after the switch, the run knows it happened: it does not happen again.
+    assert (f"warm-up ended at step {switch}:" in out) == (side == "before")
     assert without_timing(read_lines(workdir)) == without_timing(read_lines(reference))
     _, resumed, _ = checkpoint.load(workdir)
     _, uninterrupted, _ = checkpoint.load(reference)
