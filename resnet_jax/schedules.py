@@ -6,9 +6,12 @@ test, a CPU budget) keeps the paper's shape: the CIFAR recipe divides by 10 at 3
 
 ResNet-110's warm-up (Sec. 4.2) is not a step count but a condition: 0.01 "until the
 training error is below 80% (about 400 iterations)", then 0.1. The training loop checks
-each logged training error (`warmup_ends`) and records the step where the warm-up ended
-in the train state (`WARMUP_NOT_ENDED` until then), which the compiled step reads: the
-learning rate is a function of (step, warm-up end), both saved in every checkpoint.
+the training error of each regular log, its mean over the `log_every_steps` steps before
+(`warmup_ends`), and records the step where the warm-up ended in the train state
+(`WARMUP_NOT_ENDED` until then), which the compiled step reads: the learning rate is a
+function of (step, warm-up end), both saved in every checkpoint. (A run resumed from a
+checkpoint between two logs, as after a preemption, checks its first log's mean over the
+steps since it resumed.)
 """
 
 from __future__ import annotations

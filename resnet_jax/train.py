@@ -416,7 +416,8 @@ def train_and_evaluate(
                     "train_error": sum(m["errors"].item() for m in fetched) / (num_steps * config.batch_size),
                     "learning_rate": float(schedule(step - 1, warmup_end)),
                 }
-                if schedules.warmup_ends(config, warmup_end, values["train_error"]):
+                regular_log = step % config.log_every_steps == 0  # not a preemption's or the end's
+                if regular_log and schedules.warmup_ends(config, warmup_end, values["train_error"]):
                     warmup_end = values["lr_warmup_end"] = step  # the next step runs at the main rate
                     state = state.replace(lr_warmup_end=jax.make_array_from_process_local_data(
                         parallel.replicated, np.int32(step)))
