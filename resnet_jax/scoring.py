@@ -87,9 +87,9 @@ def scale_probabilities(model: ResNet, variables: dict, views: jnp.ndarray, vali
     image and its flip on their canvas) and each image's size `valid` (N, 2), averaged over
     the image's locations and the V views as `average` says."""
     n, v = views.shape[:2]
-    scores, inside = spatial_scores(model, variables, views.reshape(n * v, *views.shape[2:]),
-                                    jnp.repeat(valid, v, axis=0))
-    weights = inside[..., None] / jnp.sum(inside, axis=(1, 2))[:, None, None, None]
+    scores, on_image = spatial_scores(model, variables, views.reshape(n * v, *views.shape[2:]),
+                                      jnp.repeat(valid, v, axis=0))
+    weights = on_image[..., None] / jnp.sum(on_image, axis=(1, 2))[:, None, None, None]
     if average == "scores":
         probabilities = jax.nn.softmax(jnp.sum(scores * weights, axis=(1, 2)), axis=-1)
     else:
