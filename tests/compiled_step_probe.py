@@ -2,11 +2,13 @@
 devices, `XLA_FLAGS=--xla_force_host_platform_device_count=8`, set before JAX starts) and
 printed as one JSON line for tests/test_compiled_step.py to check.
 
-    python -m tests.compiled_step_probe memory|stream DATA_DIR WORKDIR
+    python -m tests.compiled_step_probe memory|stream|memory_per_device_bn DATA_DIR [WORKDIR]
 
 The step is built as `train_and_evaluate` builds it (`open_inputs`, `build_model`,
-`init_state`), from a tiny bfloat16 config; then `train_and_evaluate` itself runs 20 steps
-while every host read of a device array's value is counted.
+`init_state`), from a tiny bfloat16 config; then, given a WORKDIR, `train_and_evaluate`
+itself runs 20 steps while every host read of a device array's value is counted.
+"memory_per_device_bn" is "memory" with BN statistics per device (`bn_group_size` = the
+2 examples of each device) rather than over the global batch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _OPERAND_TYPES = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->")
 
 
 def tiny_config(kind: str, data_dir: str):
-    if kind == "memory":
+    if kind.startswith("memory"):
         config = config_lib.cifar_recipe("resnet8", "fashion_mnist")
     else:
         config = config_lib.imagenet_recipe("resnet8", "image_folder")
@@ -48,6 +50,8 @@ def tiny_config(kind: str, data_dir: str):
     config.log_every_steps = LOG_EVERY
     config.eval_every_steps = config.checkpoint_every_steps = EVAL_EVERY
     config.tensorboard = False
+    if kind == "memory_per_device_bn":
+        config.bn_group_size = config.batch_size // jax.device_count()
     return config
 
 
@@ -168,10 +172,11 @@ def guarded_training(config, workdir: str) -> dict:
     return record
 
 
-def main(kind: str, data_dir: str, workdir: str) -> None:
+def main(kind: str, data_dir: str, workdir: str | None = None) -> None:
     config = tiny_config(kind, data_dir)
     facts = step_facts(config)
-    facts["training"] = guarded_training(config, workdir)
+    if workdir:
+        facts["training"] = guarded_training(config, workdir)
     print(json.dumps(facts, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
 
 

@@ -31,6 +31,28 @@ OTHER_COLLECTIVES = ("all-gather", "all-gather-start", "reduce-scatter", "all-to
 # offset gradients as well), 1 of the training-error count, 1 that XLA combined from the
 # other 15 parameter gradients and the loss. A change that adds a collective exceeds it.
 ALL_REDUCE_BUDGET = {"all_reduces": 30, "arrays": 53}
+# The same with BN statistics per device (bn_group_size = each device's 2 examples): the
+# BN layers' 28 all-reduces are gone; left are the training-error count and one combined
+# of the 23 gradients, the loss and the 14 running statistics averaged over the groups.
+PER_DEVICE_BN_ALL_REDUCE_BUDGET = {"all_reduces": 2, "arrays": 39}
+
+
+def probe(*args: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run([sys.executable, "-m", "tests.compiled_step_probe", *args], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["num_devices"] == 8
+    return found
+
+
+def fashion_mnist(folder: Path) -> Path:
+    return write_graded_fashion_mnist(folder, 0, 64, 40, gz=True)
+
+
+def counted_all_reduces(facts: dict) -> dict:
+    return {"all_reduces": len(facts["all_reduce_operands"]), "arrays": sum(facts["all_reduce_operands"])}
 
 
 @pytest.fixture(scope="module", params=["memory", pytest.param("stream", marks=pytest.mark.grain)])
@@ -38,21 +60,12 @@ def facts(request, tmp_path_factory):
     kind = request.param
     data = tmp_path_factory.mktemp(f"{kind}_data")
     if kind == "memory":
-        write_graded_fashion_mnist(data, 0, 64, 40, gz=True)
+        fashion_mnist(data)
     else:
         pytest.importorskip("grain")
         pytest.importorskip("PIL")
         write_image_folder(data, 0)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    workdir = tmp_path_factory.mktemp("run")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.compiled_step_probe", kind, str(data), str(workdir)], cwd=REPO_ROOT,
-        env=env, capture_output=True, text=True, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert found["num_devices"] == 8
-    return found
+    return probe(kind, str(data), str(tmp_path_factory.mktemp("run")))
 
 
 def test_every_leaf_of_the_train_state_is_donated(facts):
@@ -81,9 +94,16 @@ def test_bfloat16_compute_float32_state_and_loss(facts):
 
 def test_all_reduces_are_held_to_their_budget(facts):
     assert not set(facts["opcodes"]) & set(OTHER_COLLECTIVES), facts["opcodes"]
-    counted = {"all_reduces": len(facts["all_reduce_operands"]), "arrays": sum(facts["all_reduce_operands"])}
+    counted = counted_all_reduces(facts)
     assert counted["all_reduces"] >= 2  # the gradients' and the forward BN statistics': the count is live
     assert all(counted[key] <= ALL_REDUCE_BUDGET[key] for key in counted), (counted, ALL_REDUCE_BUDGET)
+
+
+def test_batch_norm_per_device_needs_no_all_reduce_of_its_own(tmp_path):
+    facts = probe("memory_per_device_bn", str(fashion_mnist(tmp_path)))
+    counted = counted_all_reduces(facts)
+    budget = PER_DEVICE_BN_ALL_REDUCE_BUDGET
+    assert all(counted[key] <= budget[key] for key in counted), (counted, budget)
 
 
 def test_host_waits_on_the_device_only_at_log_and_eval_steps(facts):
