@@ -19,6 +19,7 @@ from resnet_jax.checkpoint import WorkdirError
 from resnet_jax.config import ConfigError
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import DISTRIBUTED_MODES
+from resnet_jax.preemption import ABORTED_EXIT_STATUS
 from resnet_jax.train import TrainingDiverged
 
 # Problems a user can act on: reported as one paragraph, not a traceback.
@@ -45,7 +46,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("several processes (hosts); see the README's pod / cluster section")
+    group = parser.add_argument_group("several processes (hosts); see docs/pods.md")
     group.add_argument("--distributed", default="off", choices=DISTRIBUTED_MODES,
                        help="auto: read the process layout from a TPU pod, SLURM or Kubernetes environment")
     group.add_argument("--coordinator_address", default=None, help="host:port of process 0")
@@ -81,4 +82,7 @@ def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training, where nothing is left to save (see preemption)
+        print("\ninterrupted", file=sys.stderr)
+        return ABORTED_EXIT_STATUS
     return 0

@@ -320,6 +320,27 @@ def _check_finite(fetched: list[dict]) -> None:
             )
 
 
+def _compile_announced(jitted, name: str, progress: Progress, *args, **kwargs):
+    """`jitted` compiled for these arguments, saying on the console when compilation starts
+    and how long it took: the first seconds to minutes of a run, silent otherwise."""
+    if progress.enabled:
+        print(f"compiling {name} ...", flush=True)
+    started = time.perf_counter()
+    compiled = jitted.lower(*args, **kwargs).compile()
+    if progress.enabled:
+        print(f"compiled {name} in {time.perf_counter() - started:.1f} s", flush=True)
+    return compiled
+
+
+def _training_values(fetched: list[dict], config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Mean training loss and error over the dispatches of `fetched`."""
+    num_steps = len(fetched) * config.steps_per_dispatch
+    return {
+        "train_loss": sum(m["loss"].item() for m in fetched) / num_steps,
+        "train_error": sum(m["errors"].item() for m in fetched) / (num_steps * config.batch_size),
+    }
+
+
 def _restore_or_init(config, model, workdir: Path, parallel: Parallel, init_key, allow_config_change: bool):
     """(start step, state): the newest intact checkpoint's, or a fresh initialisation.
 
@@ -351,12 +372,18 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Train as `config` says, evaluating and checkpointing into `workdir`; resume from the
     newest intact checkpoint there. Returns the last evaluation (eval_loss, eval_error,
-    eval_top5_error), or {"preempted_at_step": N} when SIGTERM stopped the run early.
+    eval_top5_error), or {"preempted_at_step": N} when SIGTERM or Ctrl-C stopped the run
+    early (from the start: a signal during set-up or compilation stops after the first step).
 
     `allow_config_change` lets a workdir of a different config be continued (its old
     config.json is kept beside the new one); its checkpoints must fit the new model.
     """
-    workdir = Path(workdir)
+    with PreemptionWatcher() as preemption:
+        return _train_and_evaluate(config, Path(workdir), allow_config_change, preemption)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool,
+                        preemption: PreemptionWatcher) -> dict[str, float]:
     parallel = data_parallel()
     config_lib.validate(config, parallel.num_devices)
     inputs = open_inputs(config, parallel, ("train", "eval"))
@@ -390,13 +417,19 @@ def train_and_evaluate(
     last_eval: dict[str, float] = {}
     step, pending = start, []
     interval_start, timed_steps = None, 0
-    with mngr, writer, PreemptionWatcher() as preemption, inputs.train_batches(start) as train_batches:
+    with mngr, writer, inputs.train_batches(start) as train_batches:
+        if step < config.num_train_steps:
+            first_inputs = next(train_batches)
+            train_step = _compile_announced(train_step, "the training step", progress, state,
+                                            inputs=first_inputs, key=data_key)
+            train_batches = itertools.chain([first_inputs], train_batches)
         while step < config.num_train_steps:
             state, metrics = train_step(state, inputs=next(train_batches), key=data_key)
             step += config.steps_per_dispatch
             pending.append(metrics)
-            if interval_start is None:
-                # The first dispatch includes compilation: time the steps after it.
+            first_dispatch = interval_start is None
+            if first_dispatch:
+                # It may have waited for the input pipeline: time the steps after it.
                 jax.block_until_ready(metrics)
                 interval_start = time.perf_counter()
             else:
@@ -405,17 +438,15 @@ def train_and_evaluate(
             preempted = preemption.reached(step, mngr)
             logged = step % config.log_every_steps == 0 or finished or preempted
             saving = step % config.checkpoint_every_steps == 0 or finished or preempted
+            if first_dispatch and not logged:  # on the console at once; metrics.jsonl keeps its intervals
+                progress.report(step, _training_values(jax.device_get([metrics]), config))
             if logged or saving:
                 fetched = jax.device_get(pending)  # waits for the steps: the clock below is right
                 _check_finite(fetched)
             if logged:
                 elapsed = time.perf_counter() - interval_start
-                num_steps = len(pending) * config.steps_per_dispatch
-                values = {
-                    "train_loss": sum(m["loss"].item() for m in fetched) / num_steps,
-                    "train_error": sum(m["errors"].item() for m in fetched) / (num_steps * config.batch_size),
-                    "learning_rate": float(schedule(step - 1, warmup_end)),
-                }
+                values = _training_values(fetched, config)
+                values["learning_rate"] = float(schedule(step - 1, warmup_end))
                 regular_log = step % config.log_every_steps == 0  # not a preemption's or the end's
                 if regular_log and schedules.warmup_ends(config, warmup_end, values["train_error"]):
                     warmup_end = values["lr_warmup_end"] = step  # the next step runs at the main rate

@@ -129,12 +129,16 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(trial, data_dir
     assert not any(".orbax-checkpoint-tmp" in p.name for p in (workdir / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("trial", range(SIGTERM_TRIALS))
-def test_sigterm_saves_the_current_step_and_exits_cleanly(trial, data_dir, reference, tmp_path):
+@pytest.mark.parametrize(
+    ("sig", "trial"), [(signal.SIGTERM, trial) for trial in range(SIGTERM_TRIALS)] + [(signal.SIGINT, 0)]
+)
+def test_sigterm_or_ctrl_c_saves_the_current_step_and_exits_cleanly(sig, trial, data_dir, reference,
+                                                                     tmp_path):
     workdir = tmp_path / "run"
     delay = random.Random(100 + trial).uniform(0.0, 1.0)
-    returncode, stdout, _, seconds = start_and_signal(data_dir, workdir, signal.SIGTERM, delay)
-    assert returncode == 0 and seconds < 60
+    returncode, stdout, stderr, seconds = start_and_signal(data_dir, workdir, sig, delay)
+    assert returncode == 0 and seconds < 60, stderr
+    assert "Traceback" not in stderr
     line = next(line for line in stdout.splitlines() if line.startswith("preempted"))
     step = int(line.split("checkpoint of step ")[1].split(";")[0])
     with checkpoint.manager(workdir, read_only=True) as mngr:
@@ -142,6 +146,49 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(trial, data_dir, refer
     out = run_train(data_dir, workdir)
     assert f"resuming at step {step}" in out.stdout
     assert_same_run(workdir, reference, same_log_intervals=step % 2 == 0)
+
+
+def start_and_await_compilation(data_dir, workdir):
+    """Start train.py and return it once it says it is compiling the training step."""
+    process = subprocess.Popen(
+        train_command(data_dir, workdir), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:  # ends when train.py does, so cannot wait forever
+        if line.startswith("compiling the training step"):
+            return process
+    raise AssertionError(f"train.py never said it was compiling: {process.communicate()[1][-3000:]}")
+
+
+def test_ctrl_c_during_compilation_saves_the_first_step_and_the_run_resumes(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    process = start_and_await_compilation(data_dir, workdir)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted: saving a checkpoint" in stderr
+    assert "preempted: saved the checkpoint of step 1; rerun the same command to resume" in stdout
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        assert mngr.all_steps() == [1]
+    out = run_train(data_dir, workdir)
+    assert "resuming at step 1" in out.stdout
+    assert_same_run(workdir, reference, same_log_intervals=False)
+
+
+def test_a_second_ctrl_c_stops_at_once_even_during_compilation(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    process = start_and_await_compilation(data_dir, workdir)
+    process.send_signal(signal.SIGINT)
+    # Sent before the first was delivered, a second signal would merge with it.
+    assert any(line.startswith("interrupted: saving") for line in process.stderr)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted again: stopped at once" in stderr
+    assert "compiled the training step" not in stdout  # it did not wait for compilation to end
+    assert not (workdir / "checkpoints").exists() or not list((workdir / "checkpoints").iterdir())
+    run_train(data_dir, workdir)
+    assert_same_run(workdir, reference)
 
 
 def test_leftovers_of_a_killed_save_are_cleaned_and_the_last_checkpoint_used(data_dir, reference, tmp_path):

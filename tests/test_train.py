@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,21 @@ def test_an_interrupted_run_resumes_as_if_never_stopped(trained, data_dir, tmp_p
     _, resumed, _ = checkpoint.load(workdir)
     _, uninterrupted, _ = checkpoint.load(reference_dir)
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, uninterrupted)
+
+
+def test_the_console_says_compiling_then_shows_the_first_step_then_every_log_interval(
+    data_dir, tmp_path, capsys
+):
+    config = tiny_config(data_dir, num_train_steps=8, eval_every_steps=8, checkpoint_every_steps=8)
+    train_and_evaluate(config, tmp_path / "run")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("resnet8: ") and lines[0].endswith("from scratch")
+    assert lines[1] == "compiling the training step ..."
+    assert re.fullmatch(r"compiled the training step in \d+\.\d s", lines[2])
+    steps = [line.split()[1] for line in lines[3:]]
+    assert steps == ["1/8", "4/8", "8/8", "8/8"]  # the first step, every log_every_steps, the eval
+    assert "train_loss" in lines[3] and "eval_error" in lines[-1]
+    assert [line["step"] for line in read_lines(tmp_path / "run") if "train_loss" in line] == [4, 8]
 
 
 def test_a_workdir_of_another_run_is_refused_and_left_alone(trained, data_dir):
