@@ -3,6 +3,7 @@
 import gzip
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -341,11 +342,14 @@ def test_importing_sources_does_not_import_tfds():
         ("fashion_mnist", (28, 28, 1), 10),
     ],
 )
-def test_tfds_data_source_with_mock_data(name, shape, num_classes):
+def test_tfds_data_source_with_mock_data(name, shape, num_classes, monkeypatch):
     """Run where tensorflow-datasets is installed without tensorflow, this also shows that
     the data_source path needs no tensorflow."""
     import tensorflow_datasets as tfds
 
+    # mock_data serves records but leaves the builder unprepared; a prepared dataset needs
+    # no download, and this test reads one.
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
     with tfds.testing.mock_data(num_examples=6):
         expected = list(tfds.data_source(name, split="test"))
         loaded = load_split(name, "test")
@@ -353,3 +357,64 @@ def test_tfds_data_source_with_mock_data(name, shape, num_classes):
     assert loaded.labels.dtype == np.int32 and loaded.num_classes == num_classes
     np.testing.assert_array_equal(loaded.images, [record["image"] for record in expected])
     np.testing.assert_array_equal(loaded.labels, [record["label"] for record in expected])
+
+
+
+# train.py on a machine without a network: every host name fails to resolve.
+OFFLINE_TRAIN_PY = """
+import runpy, socket, sys
+
+def no_network(*args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+socket.getaddrinfo = no_network
+sys.argv = ["train.py", "--config=configs/default.py", "--workdir=" + sys.argv[1]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.tfds
+def test_train_py_offline_stops_at_once_with_one_paragraph_naming_the_download(tmp_path):
+    tfds_dir, workdir = tmp_path / "tensorflow_datasets", tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-c", OFFLINE_TRAIN_PY, str(workdir)], capture_output=True, text=True,
+        cwd=REPO_ROOT, env={**os.environ, "TFDS_DATA_DIR": str(tfds_dir)}, timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    [message] = out.stderr.strip().splitlines()  # one paragraph, no traceback
+    assert message.startswith(
+        "error: tensorflow-datasets must download cifar10 from "
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz the first time"
+    )
+    assert "cannot be reached" in message and "Name or service not known" in message
+    assert "apt-get install -y dataset-fashion-mnist" in message and "configs/fashion_mnist_" in message
+    assert "cifar-10-batches-py" in message  # what dataset.data_dir would need
+    assert not workdir.exists()
+    assert not tfds_dir.exists() or not list(tfds_dir.iterdir())  # nothing half-made
+
+
+@pytest.mark.tfds
+def test_a_failed_download_leaves_nothing_half_made_and_says_what_failed(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import constants
+
+    from resnet_jax.data import sources
+
+    def fail_midway(builder, *args, **kwargs):
+        assert builder.data_dir_root == tmp_path
+        partial = builder.data_dir_root / "downloads" / builder.name / "part.tmp"
+        partial.parent.mkdir(parents=True)
+        partial.write_bytes(b"half")
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    kept = tmp_path / "downloads" / "manual" / "yours.tar"  # what was there stays
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"")
+    monkeypatch.setattr(constants, "DATA_DIR", str(tmp_path))  # TFDS_DATA_DIR, read at import
+    monkeypatch.setattr(sources.socket, "create_connection", lambda *args, **kwargs: socket.socket())
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail_midway)
+    with pytest.raises(DataError, match=r"could not download and prepare cifar100 .*Connection reset"):
+        load_split("cifar100", "test")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "downloads", "downloads/manual", "downloads/manual/yours.tar"
+    ]

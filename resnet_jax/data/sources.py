@@ -6,12 +6,17 @@ Fashion-MNIST, the python pickles for CIFAR); without one, tensorflow-datasets i
 imported only then so that `import resnet_jax` stays light.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import io
 import os
 import pickle
+import shutil
+import socket
+import urllib.parse
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +292,15 @@ class _CifarUnpickler(pickle.Unpickler):
 # --- tensorflow-datasets ------------------------------------------------------------------
 
 
+# How long one download host may take to accept a connection before it counts as unreachable.
+DOWNLOAD_PROBE_TIMEOUT_S = 10
+_OFFLINE_ROUTE = (
+    "Without internet, train on Fashion-MNIST from Debian: `apt-get install -y "
+    "dataset-fashion-mnist`, then a configs/fashion_mnist_*.py config (e.g. `make train "
+    "CONFIG=configs/fashion_mnist_resnet20.py TFDS=0`); or pass dataset.data_dir with files you have: "
+)
+
+
 def _load_with_tfds(name: str, split: str) -> Split:
     try:
         import tensorflow_datasets as tfds  # heavy, and only this path needs it
@@ -295,17 +309,59 @@ def _load_with_tfds(name: str, split: str) -> Split:
             f"loading {name} without dataset.data_dir needs tensorflow-datasets ({error}): "
             f"`pip install tensorflow-datasets`, or pass dataset.data_dir: {_HOW_TO_GET[name]}"
         ) from error
+    builder = tfds.builder(name)
+    if not builder.is_prepared():
+        _check_download_hosts(name, builder.url_infos or {})
     try:
         # Without tensorflow, data_source reads a prepared ArrayRecord copy and decodes its
         # PNGs with pillow; preparing that copy the first time does need tensorflow.
-        records = list(tfds.data_source(name, split=split))
+        with _removed_if_it_fails(builder.data_dir_root, name):
+            records = list(tfds.data_source(name, split=split))
     except ImportError as error:
         raise DataError(
-            f"tensorflow-datasets could not load {name} {split} ({error}): decoding needs "
-            f"`pip install pillow`, preparing the dataset the first time needs tensorflow "
-            f"(`tfds build {name} --file_format=array_record`); "
+            f"tensorflow-datasets could not load {name} {split}: module {error.name!r} is missing "
+            f"({error}). Decoding needs `pip install pillow`, preparing the dataset the first time "
+            f"needs tensorflow (`pip install -e .[tfds,tfds-prepare]`); "
             f"or pass dataset.data_dir: {_HOW_TO_GET[name]}"
+        ) from error
+    except OSError as error:  # requests' errors are OSErrors too
+        raise DataError(
+            f"tensorflow-datasets could not download and prepare {name} into "
+            f"{builder.data_dir_root}: {type(error).__name__}: {error}. {_OFFLINE_ROUTE}"
+            f"{_HOW_TO_GET[name]}"
         ) from error
     images = np.stack([record["image"] for record in records])
     labels = np.array([record["label"] for record in records])
     return _checked_split(name, images, labels, f"tensorflow-datasets {name} {split}")
+
+
+def _check_download_hosts(name: str, urls: Iterable[str]) -> None:
+    """Refuse at once, naming the URL, when a host the dataset downloads from does not answer:
+    without a network tensorflow-datasets would retry for minutes, then print a traceback."""
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        try:
+            socket.create_connection(address, timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
+        except OSError as error:
+            raise DataError(
+                f"tensorflow-datasets must download {name} from {url} the first time, and "
+                f"{parts.hostname} cannot be reached ({error}). {_OFFLINE_ROUTE}{_HOW_TO_GET[name]}"
+            ) from None
+
+
+@contextlib.contextmanager
+def _removed_if_it_fails(data_dir_root: os.PathLike[str], name: str) -> Iterator[None]:
+    """What preparing `name` creates under TFDS's data directory, removed if it fails, so
+    that no half-made dataset or download is left behind (what was there stays)."""
+    root = Path(data_dir_root)
+    made_here = [root / name, root / "downloads" / name, root / "downloads" / "extracted",
+                 root / "downloads", root]  # the deepest first
+    existed = {path for path in made_here if path.exists()}
+    try:
+        yield
+    except BaseException:
+        for path in made_here:
+            if path not in existed and path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+        raise
