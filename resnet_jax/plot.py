@@ -1,9 +1,10 @@
 """`python -m resnet_jax.plot RUN_DIR [RUN_DIR ...] --out curves.png`: training curves in
 the style of the paper's Figure 6.
 
-Each run is one colour: its training error a thin line, its eval error a bold line, in
-percent against iterations. Runs are read from their `metrics.jsonl`; labels default to
-the `model.name` of the run's `config.json` (as `resnet_jax.checkpoint` writes it).
+Each run is one colour: its training error a thin line, its eval error a bold line with a
+dot at each evaluation, in percent against iterations. Runs are read from their
+`metrics.jsonl`; labels default to the `model.name` of the run's `config.json` (as
+`resnet_jax.checkpoint` writes it).
 
 matplotlib is imported only when a figure is drawn, so that `import resnet_jax.plot` (and
 reading metrics) works without it; install it with `pip install -e .[plot]`.
@@ -29,6 +30,9 @@ MATPLOTLIB_MISSING = "plotting needs matplotlib: pip install matplotlib (or pip 
 # Widths that tell the two curves of one run apart at a glance, as in Figure 6.
 TRAIN_LINE_WIDTH = 0.8
 EVAL_LINE_WIDTH = 2.0
+POINT_MARKER = "o"
+TRAIN_MARKER_SIZE = 3.0
+EVAL_MARKER_SIZE = 5.0
 
 Curve = list[tuple[int, float]]
 
@@ -127,14 +131,20 @@ def draw_runs(ax: Axes, run_dirs: Sequence[str | Path], labels: Sequence[str] | 
         if "train_error" not in metrics and "eval_error" not in metrics:
             raise MetricsError(f"{Path(run_dir) / METRICS_FILE}: no train_error or eval_error to plot")
         if "train_error" in metrics:
-            ax.plot(*_percent(metrics["train_error"]), color=color, linewidth=TRAIN_LINE_WIDTH)
+            train = metrics["train_error"]
+            # A curve of one point has no line to draw: a marker shows it.
+            ax.plot(*_percent(train), color=color, linewidth=TRAIN_LINE_WIDTH,
+                    marker=POINT_MARKER if len(train) == 1 else None, markersize=TRAIN_MARKER_SIZE)
         if "eval_error" in metrics:
-            ax.plot(*_percent(metrics["eval_error"]), color=color, linewidth=EVAL_LINE_WIDTH)
+            # Evaluations are few: a marker at each shows when they ran (and a single one at all).
+            ax.plot(*_percent(metrics["eval_error"]), color=color, linewidth=EVAL_LINE_WIDTH,
+                    marker=POINT_MARKER, markersize=EVAL_MARKER_SIZE)
         handles.append(Line2D([], [], color=color, linewidth=EVAL_LINE_WIDTH, label=label))
     # The figure explains its own line styles, which the paper leaves to its caption.
     handles += [
         Line2D([], [], color="grey", linewidth=TRAIN_LINE_WIDTH, label="train"),
-        Line2D([], [], color="grey", linewidth=EVAL_LINE_WIDTH, label="eval"),
+        Line2D([], [], color="grey", linewidth=EVAL_LINE_WIDTH, marker=POINT_MARKER,
+               markersize=EVAL_MARKER_SIZE, label="eval"),
     ]
     ax.legend(handles=handles)
     ax.set_xlabel("iterations")

@@ -93,6 +93,15 @@ def test_each_run_is_a_thin_train_and_a_bold_eval_line_of_one_colour(tmp_path):
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("iterations", "error (%)")
 
 
+def test_a_single_point_is_drawn_as_a_marker(tmp_path):
+    run = write_run(tmp_path / "short", [train_line(100, 0.8), eval_line(100, 0.85)])
+    ax = drawn_axes([run])
+    train, evaluation = ax.lines
+    for line, error in ((train, 80.0), (evaluation, 85.0)):
+        assert list(line.get_xdata()) == [100] and list(line.get_ydata()) == pytest.approx([error])
+        assert line.get_marker() not in (None, "None", "", " ") and line.get_markersize() > 0
+
+
 def test_cli_writes_a_png(tmp_path):
     runs = [small_run(tmp_path / "a", "plain20"), small_run(tmp_path / "b", "resnet20")]
     out = tmp_path / "figs" / "curves.png"
