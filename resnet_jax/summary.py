@@ -1,4 +1,4 @@
-"""`python -m resnet_jax.summary [NAME ...]`: the model table of the README, from the code.
+"""`python -m resnet_jax.summary [NAME ...]`: the model table of docs/models.md, from the code.
 
 Prints, as markdown, each named model's family, shortcut option, parameter count and
 multiply-adds at its family's input size (224x224 RGB and 1000 classes for ImageNet
