@@ -320,18 +320,6 @@ def _check_finite(fetched: list[dict]) -> None:
             )
 
 
-def _compile_announced(jitted, name: str, progress: Progress, *args, **kwargs):
-    """`jitted` compiled for these arguments, saying on the console when compilation starts
-    and how long it took: the first seconds to minutes of a run, silent otherwise."""
-    if progress.enabled:
-        print(f"compiling {name} ...", flush=True)
-    started = time.perf_counter()
-    compiled = jitted.lower(*args, **kwargs).compile()
-    if progress.enabled:
-        print(f"compiled {name} in {time.perf_counter() - started:.1f} s", flush=True)
-    return compiled
-
-
 def _training_values(fetched: list[dict], config: ml_collections.ConfigDict) -> dict[str, float]:
     """Mean training loss and error over the dispatches of `fetched`."""
     num_steps = len(fetched) * config.steps_per_dispatch
@@ -418,18 +406,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
     step, pending = start, []
     interval_start, timed_steps = None, 0
     with mngr, writer, inputs.train_batches(start) as train_batches:
-        if step < config.num_train_steps:
-            first_inputs = next(train_batches)
-            train_step = _compile_announced(train_step, "the training step", progress, state,
-                                            inputs=first_inputs, key=data_key)
-            train_batches = itertools.chain([first_inputs], train_batches)
+        if progress.enabled and step < config.num_train_steps:
+            print("compiling the training step ...", flush=True)  # the first call compiles it
         while step < config.num_train_steps:
-            state, metrics = train_step(state, inputs=next(train_batches), key=data_key)
+            batch = next(train_batches)
+            dispatched = time.perf_counter()
+            state, metrics = train_step(state, inputs=batch, key=data_key)
+            first_dispatch = interval_start is None
+            if first_dispatch and progress.enabled:  # the call returns once compiled; the step runs on
+                print(f"compiled the training step in {time.perf_counter() - dispatched:.1f} s", flush=True)
             step += config.steps_per_dispatch
             pending.append(metrics)
-            first_dispatch = interval_start is None
             if first_dispatch:
-                # It may have waited for the input pipeline: time the steps after it.
+                # The first dispatch includes compilation: time the steps after it.
                 jax.block_until_ready(metrics)
                 interval_start = time.perf_counter()
             else:
@@ -438,7 +427,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
             preempted = preemption.reached(step, mngr)
             logged = step % config.log_every_steps == 0 or finished or preempted
             saving = step % config.checkpoint_every_steps == 0 or finished or preempted
-            if first_dispatch and not logged:  # on the console at once; metrics.jsonl keeps its intervals
+            if first_dispatch and progress.enabled and not logged:  # metrics.jsonl keeps its intervals
                 progress.report(step, _training_values(jax.device_get([metrics]), config))
             if logged or saving:
                 fetched = jax.device_get(pending)  # waits for the steps: the clock below is right
