@@ -6,8 +6,8 @@
 For every distinct convolution shape of the CIFAR ResNets (batch 128) or of ResNet-50
 (batch 8), and for each part (forward pass, gradient wrt the input, gradient wrt the
 kernel), times `conv="xla"` (`lax.conv_general_dilated` and JAX's own gradient, compiled
-with its path's options) and each of `fast_conv.FORMULATIONS[part]` that applies
-(compiled as "auto" compiles them), either as a plain jitted function or inside a
+with its path's options) and each formulation `fast_conv.candidates` offers for the
+layer (compiled as "auto" compiles them), either as a plain jitted function or inside a
 `lax.scan` body, where a multi-step dispatch runs them. Every variant of a row is
 compiled first, then called `reps` times in turn (interleaved: a change in the machine's
 load hits all of them alike); one markdown row per layer and part gives each median in
@@ -29,7 +29,7 @@ from jax import lax
 
 from resnet_jax.backend import keep_freed_memory_on_cpu
 from resnet_jax.cpu import native_conv
-from resnet_jax.cpu.fast_conv import FORMULATIONS, PARTS, choice, compiler_options, formulation
+from resnet_jax.cpu.fast_conv import PARTS, candidates, choice, compiler_options
 
 # (batch, size, in channels, out channels, kernel, stride): every distinct shape.
 LAYERS = {
@@ -42,7 +42,7 @@ LAYERS = {
         (8, 56, 256, 64, 1, 1), (8, 56, 256, 512, 1, 2), (8, 28, 128, 128, 3, 2), (8, 7, 512, 512, 3, 1),
     ],
 }
-NAMES = ("conv", "xla", "shifted", "native")  # every formulation's column, in this order
+NAMES = ("conv", "xla", "space_to_depth", "shifted", "native")  # every formulation's column
 _CANONICAL = ("NHWC", "HWIO", "NHWC")
 
 
@@ -103,10 +103,8 @@ def main() -> None:
             wrap = in_scan_body if args.context == "scan" else (lambda f: f)
             fns = {"XLA": jax.jit(wrap(xla_part(part, x.shape, w.shape, strides, pads)),
                                   compiler_options=compiler_options("xla"))}
-            for name in FORMULATIONS[part]:
-                fn = formulation(part, name, x.shape, w.shape, strides, pads)
-                if name != "native" or native_conv.used_by(fn, *part_args):
-                    fns[name] = jax.jit(wrap(fn), compiler_options=compiler_options("auto"))
+            for name, fn in candidates(part, x, w, strides, pads).items():
+                fns[name] = jax.jit(wrap(fn), compiler_options=compiler_options("auto"))
             ms = interleaved_medians(fns, part_args, args.reps)
             fastest = min((name for name in fns if name != "XLA"), key=ms.get)
             cells = [f"{ms[name]:.1f}" if name in ms else "" for name in NAMES]

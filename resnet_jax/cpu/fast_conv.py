@@ -17,11 +17,13 @@ The formulations (`FORMULATIONS`; `benchmarks/conv_layers.py` times each one per
 - forward: "xla" (`lax.conv_general_dilated`) or "native" (`native_conv`'s direct kernels,
   through XLA's FFI, where `native_conv.supported`: float32, output channels a multiple
   of 16, a kernel under 1 MiB, one CPU device, the kernels built; a candidate only there);
-- input gradient: "xla", the transposed convolution (the flipped kernel, its in/out axes
-  swapped), for a strided kernel larger than 1x1 that of the equivalent stride-1
-  convolution of the input's space-to-depth rearrangement, so that no dilated output
-  gradient, mostly zeros, is convolved; or "native", the same stride-1 convolution on
-  the native kernels where they apply;
+- input gradient: "xla", the transposed convolution (the output gradient, dilated by the
+  stride, convolved with the flipped kernel, its in/out axes swapped), what XLA's own
+  gradient computes, in canonical form; for a strided kernel larger than 1x1
+  "space_to_depth", the gradient of the equivalent stride-1 convolution of the input's
+  space-to-depth rearrangement, so that no dilated output gradient, mostly zeros, is
+  convolved; or "native", the stride-1 convolution (after space-to-depth for a strided
+  kernel) on the native kernels where they apply;
 - weight gradient: "conv", convolutions of the input with the output gradient, batch
   and channel axes swapped, over chunks of the batch in a loop (`_weight_grad_conv`);
   "shifted", a sum over the kernel offsets of `einsum('bhwc,bhwo->co', shifted input,
@@ -53,7 +55,7 @@ PARTS = ("forward", "input_grad", "weight_grad")
 # Each part's formulations; the first is XLA's own convolution, what "auto" uses unmeasured.
 FORMULATIONS = {
     "forward": ("xla", "native"),
-    "input_grad": ("xla", "native"),
+    "input_grad": ("xla", "space_to_depth", "native"),
     "weight_grad": ("conv", "shifted", "native"),
 }
 # Multiply-adds below which a convolution is not measured: its time is mostly dispatch,
@@ -146,9 +148,7 @@ def formulation(part: str, name: str, x_shape: Sequence[int], kernel_shape: Sequ
     if part == "forward":
         return lambda x, kernel: _forward(x, kernel, strides, pads, precision, native)
     if part == "input_grad":
-        return lambda grad_out, kernel: _input_grad(
-            grad_out, kernel, x_shape, strides, pads, precision, native
-        )
+        return lambda grad_out, kernel: _input_grad(grad_out, kernel, x_shape, strides, pads, precision, name)
     weight_grad = {"conv": _weight_grad_conv, "shifted": _weight_grad_shifted,
                    "native": _weight_grad_native}[name]
     return lambda x, grad_out: weight_grad(x, grad_out, kernel_shape, strides, pads, precision)
@@ -161,24 +161,37 @@ def argument_shapes(part: str, x: jax.ShapeDtypeStruct, kernel: jax.ShapeDtypeSt
     return {"forward": (x, kernel), "input_grad": (out, kernel), "weight_grad": (x, out)}[part]
 
 
+def candidates(part: str, x: jax.ShapeDtypeStruct, kernel: jax.ShapeDtypeStruct, strides: Sequence[int],
+               pads: Sequence[tuple[int, int]], precision=None) -> dict[str, Callable]:
+    """The formulations of `part` of this convolution that compute it differently from
+    those before them in `FORMULATIONS[part]` (the native kernels where they apply,
+    space-to-depth for strided kernels larger than 1x1), by name."""
+    specs = argument_shapes(part, x, kernel, strides, pads)
+    found, computations = {}, set()
+    for name in FORMULATIONS[part]:
+        fn = formulation(part, name, x.shape, kernel.shape, strides, pads, precision)
+        computation = str(jax.make_jaxpr(fn)(*specs))
+        if computation not in computations:
+            found[name] = fn
+            computations.add(computation)
+    return found
+
+
 def choice(part: str, x: jax.ShapeDtypeStruct, kernel: jax.ShapeDtypeStruct, strides: Sequence[int],
            pads: Sequence[tuple[int, int]], precision=None) -> str:
     """The formulation "auto" computes `part` of this convolution with: for one of under
     `MIN_MEASURED_MACS` multiply-adds, the first of `FORMULATIONS[part]`, XLA's own
-    convolution, unmeasured; else the fastest of those that apply here, as `conv_choice`
+    convolution, unmeasured; else the fastest of its `candidates`, as `conv_choice`
     measured them on this CPU."""
     x, kernel = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, kernel))
-    specs = argument_shapes(part, x, kernel, strides, pads)
     out = argument_shapes("input_grad", x, kernel, strides, pads)[0]
     if math.prod(kernel.shape[:3]) * math.prod(out.shape) < MIN_MEASURED_MACS:
         return FORMULATIONS[part][0]
-    candidates = {name: formulation(part, name, x.shape, kernel.shape, strides, pads, precision)
-                  for name in FORMULATIONS[part]}
-    if not native_conv.used_by(candidates["native"], *specs):
-        del candidates["native"]  # it would compute what another one does
+    found = candidates(part, x, kernel, strides, pads, precision)
     key = (f"{part} {x.dtype} input {x.shape} kernel {kernel.shape} strides {tuple(strides)} "
-           f"pads {tuple(pads)}: {', '.join(candidates)}")
-    return conv_choice.choose(key, {name: (fn, specs) for name, fn in candidates.items()},
+           f"pads {tuple(pads)}: {', '.join(found)}")
+    specs = argument_shapes(part, x, kernel, strides, pads)
+    return conv_choice.choose(key, {name: (fn, specs) for name, fn in found.items()},
                               compiler_options("auto"))
 
 
@@ -213,13 +226,14 @@ def _forward(x, kernel, strides, pads, precision, native):
     )
 
 
-def _input_grad(grad_out, kernel, x_shape, strides, pads, precision, native):
+def _input_grad(grad_out, kernel, x_shape, strides, pads, precision, name):
     """The transposed convolution: the output gradient, dilated by the stride, convolved
-    with the kernel flipped in space and with its in/out channel axes swapped. A strided
-    kernel larger than 1x1 goes through `_input_grad_space_to_depth` instead. With
-    `native`, a stride-1 one runs on `native_conv` where it supports it."""
-    if any(s > 1 for s in strides) and kernel.shape[:2] != (1, 1):
-        return _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precision, native)
+    with the kernel flipped in space and with its in/out channel axes swapped. For a
+    strided kernel larger than 1x1, formulations "space_to_depth" and "native" go through
+    `_input_grad_space_to_depth` instead; "native" runs a stride-1 one on `native_conv`
+    where it supports it."""
+    if name != "xla" and any(s > 1 for s in strides) and kernel.shape[:2] != (1, 1):
+        return _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precision, name)
     flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
     padding = [
         # In front, k - 1 - lo: input row 0 meets the taps of the first window that read it.
@@ -229,7 +243,7 @@ def _input_grad(grad_out, kernel, x_shape, strides, pads, precision, native):
             kernel.shape[:2], pads, x_shape[1:3], strides, grad_out.shape[1:3], strict=True
         )
     ]
-    if native and strides == (1, 1) and native_conv.supported(grad_out, flipped.shape, padding):
+    if name == "native" and strides == (1, 1) and native_conv.supported(grad_out, flipped.shape, padding):
         return native_conv.forward(grad_out, flipped, strides, padding)
     return lax.conv_general_dilated(
         grad_out, flipped, (1, 1), padding, lhs_dilation=strides, dimension_numbers=_CANONICAL,
@@ -237,7 +251,7 @@ def _input_grad(grad_out, kernel, x_shape, strides, pads, precision, native):
     )
 
 
-def _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precision, native):
+def _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precision, name):
     """The input gradient of a strided convolution without dilating the output gradient.
 
     A (kh, kw) kernel at stride (sh, sw) reads the padded input as a stride-1 convolution
@@ -261,7 +275,7 @@ def _input_grad_space_to_depth(grad_out, kernel, x_shape, strides, pads, precisi
     # The blocked input rows the output reads: out_h + blocks_h - 1 (likewise columns).
     grad_blocks = _input_grad(
         grad_out, blocked, (x_shape[0], out_h + blocks_h - 1, out_w + blocks_w - 1, sh * sw * c_in),
-        (1, 1), ((0, 0), (0, 0)), precision, native,
+        (1, 1), ((0, 0), (0, 0)), precision, name,
     )
     batch, rows, cols = grad_blocks.shape[:3]
     grad_padded = (

@@ -89,12 +89,6 @@ def weight_grad(x: jax.Array, grad_out: jax.Array, kernel_shape: Sequence[int], 
     return _call("resnet_jax_conv_weight_grad", tuple(kernel_shape), x, grad_out, strides, pads)
 
 
-def used_by(fn, *args: jax.ShapeDtypeStruct) -> bool:
-    """Whether `fn(*args)` calls the native kernels."""
-    jaxpr = str(jax.make_jaxpr(fn)(*args))
-    return any(target in jaxpr for target in _TARGETS)
-
-
 def _call(target: str, out_shape: tuple, a: jax.Array, b: jax.Array, strides, pads) -> jax.Array:
     # The trailing padding is implied by the output's size.
     (pad_h, _), (pad_w, _) = pads
