@@ -65,9 +65,9 @@ def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any, name: 
 
     The batch variance is the mean squared deviation (two passes, as PyTorch), not Flax's
     default E[x^2] - E[x]^2: that cancels catastrophically in channels whose mean is large
-    against their spread, and its rounding then depends on the order of summation. A tiny
-    run on 1 and on 8 devices drifted to 9e-3 relative loss by step 8 with it, 2e-4
-    without; the ResNet-20 CPU step is 1.5% slower.
+    against their spread, and its rounding then depends on the order of summation, so
+    runs on 1 and on 8 devices drifted apart with it (`tests/test_models.py` holds a
+    channel whose mean dwarfs its spread); the extra pass costs little (RESULTS.md).
     """
     return nn.BatchNorm(
         use_running_average=not train, momentum=momentum, epsilon=epsilon, use_fast_variance=False,

@@ -138,7 +138,7 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
     def step(state: TrainState, inputs: TrainInputs, key: jax.Array):
         if config.steps_per_dispatch == 1:
             # Not a one-step scan: XLA:CPU leaves the gradient convolutions inside a loop
-            # body in a slow generic form (ResNet-20's step measured ~10x slower).
+            # body in a slow generic form (measured in benchmarks/RESULTS.md).
             state, metrics = one_step(state, inputs, key)
             per_step = jax.tree_util.tree_map(lambda value: value[None], metrics)
         else:

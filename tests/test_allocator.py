@@ -1,5 +1,5 @@
 """allocator.keep_freed_memory: XLA:CPU's per-execution scratch memory is reused, not
-faulted in anew on every call (ResNet-20's CPU training step: 368-390 -> 224-241 ms)."""
+faulted in anew on every call (what that is worth: benchmarks/RESULTS.md)."""
 
 import json
 import statistics

@@ -1,19 +1,19 @@
 """Let the host allocator keep and reuse XLA:CPU's per-step scratch memory.
 
 XLA:CPU allocates all the temporaries of one execution of a computation as a single
-block (about 300 MB for ResNet-20's training step at batch 128), from the thread that
+block (hundreds of MB for ResNet-20's training step at batch 128), from the thread that
 runs it, and frees it at the end. glibc serves a block that large from a fresh `mmap` in
 that thread's arena and unmaps it when freed, so every step faults in and zeroes the
-block's pages anew: ~96,000 page faults per ResNet-20 step. With the native convolutions
-that step takes 368-390 ms on the project's 2-core CPU, 224-241 ms without the faults
-(`benchmarks/RESULTS.md`). PyTorch does not pay this: it allocates per tensor, in sizes
-glibc reuses.
+block's pages anew, a large part of a CPU step (the measurement, with and without this
+setting, is in `benchmarks/RESULTS.md`; `tests/test_allocator.py` counts the faults).
+PyTorch does not pay this: it allocates per tensor, in sizes glibc reuses.
 
 `keep_freed_memory()` makes every thread allocate from glibc's main heap, never through
 `mmap`, and never trims the heap, so the next step reuses the block as it is. It is
 process-wide: the process keeps its peak memory rather than returning it to the system.
 It must run before JAX starts its threads (before the first use of a device) to reach
-them; `train.py`, `evaluate.py` and the benchmarks call it first thing. Elsewhere than
+them; the commands and the benchmarks call it first thing, through
+`backend.keep_freed_memory_on_cpu`, and only where JAX will run on the CPU. Elsewhere than
 glibc (macOS, musl) it does nothing.
 """
 
