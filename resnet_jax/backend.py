@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 
 from resnet_jax.cpu import allocator, fast_conv
 
@@ -31,16 +32,17 @@ PLUGIN_VARIABLES = ("PJRT_NAMES_AND_LIBRARY_PATHS", "TPU_LIBRARY_PATH")
 
 
 def conv_module(path: str) -> Any:
-    """What builds the model's convolution layers for `path` (one of `CONV_PATHS`)."""
-    if jax.default_backend() != "cpu" or path == "xla":
+    """What builds the model's convolution layers for `path` (one of `CONV_PATHS`): Flax's
+    plain `nn.Conv` wherever `fast_conv` gives XLA's own convolution ("xla", other backends)."""
+    conv_general_dilated = fast_conv.conv_general_dilated_for(path)
+    if conv_general_dilated is lax.conv_general_dilated:
         return nn.Conv
-    return functools.partial(nn.Conv, conv_general_dilated=fast_conv.conv_general_dilated_for(path))
+    return functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def compiler_options(path: str) -> dict[str, str]:
-    """The XLA options to jit a computation of a model built by `conv_module(path)` with."""
-    if jax.default_backend() != "cpu":
-        return {}
+    """The XLA options to jit a computation of a model built by `conv_module(path)` with
+    (none off the CPU backend: `fast_conv.compiler_options` decides)."""
     return fast_conv.compiler_options(path)
 
 
