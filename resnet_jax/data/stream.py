@@ -374,9 +374,6 @@ class StreamedData:
         """The inputs of the training steps from `start_step` on."""
         return self._batches(self.train_dataset(start_step))
 
-    def num_eval_batches(self) -> int:
-        return -(-len(self.eval) // self.config.eval_batch_size)
-
     def multi_scale_plan(self) -> tuple[np.ndarray, np.ndarray]:
         """(records, buckets) by position of multi-scale evaluation: the records grouped by
         canvas bucket (in order within each), each group padded with records of -1 to whole
