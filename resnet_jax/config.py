@@ -118,9 +118,15 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
             multi_scale_sizes=(224, 256, 384, 480, 640),
             # An unreadable image: an error naming it (False), or skipped and counted (True).
             skip_unreadable=False,
-            # Decoding processes per host (-1: one per CPU core, 0: in the main process)
-            # and batches kept in flight on the devices.
-            num_workers=Logistics(-1), prefetch_batches=Logistics(2),
+            # Decoding processes per host (-1: the CPUs this process may use, divided among
+            # the training processes on the host; 0: in the main process) and batches kept
+            # in flight on the devices. Each decoding process reads with `read_threads`
+            # threads, up to `read_buffer_size` examples ahead, and queues up to
+            # `worker_buffer_size` decoded examples (not batches) for the main process:
+            # examples decoded ahead stay within workers x (read_buffer_size + 2 x
+            # worker_buffer_size + 2) (`stream.PipelineOptions.examples_ahead`).
+            num_workers=Logistics(-1), prefetch_batches=Logistics(2), read_threads=Logistics(2),
+            read_buffer_size=Logistics(4), worker_buffer_size=Logistics(4),
         )
     )
     config.batch_size = 128
@@ -554,7 +560,14 @@ def _check_dataset(dataset: ml_collections.ConfigDict) -> None:
     _require(len(sizes) > 0 and all(isinstance(s, int) and s >= 1 for s in sizes),
              "dataset.multi_scale_sizes", sizes, "a non-empty tuple of shorter sides (integers >= 1)")
     _require(dataset.num_workers >= -1, "dataset.num_workers", dataset.num_workers,
-             "-1 (one per CPU core), 0 (in the main process) or a number of processes")
+             "-1 (the CPUs this process may use, shared among the host's training processes), "
+             "0 (in the main process) or a number of processes")
+    _require(dataset.read_threads >= 1, "dataset.read_threads", dataset.read_threads, "an integer >= 1")
+    _require(dataset.read_buffer_size >= dataset.read_threads, "dataset.read_buffer_size",
+             dataset.read_buffer_size, f"an integer >= dataset.read_threads ({dataset.read_threads}): "
+             "a smaller buffer leaves threads idle")
+    _require(dataset.worker_buffer_size >= 1, "dataset.worker_buffer_size", dataset.worker_buffer_size,
+             "an integer >= 1")
     _require(dataset.prefetch_batches >= 1, "dataset.prefetch_batches", dataset.prefetch_batches,
              "an integer >= 1")
 

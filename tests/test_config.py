@@ -233,7 +233,10 @@ def test_invalid_configs_are_refused_with_key_value_and_accepted(changes, words)
         ({"dataset.eval_resize": 200}, ["dataset.eval_resize", ">= image_size (224)"]),
         ({"dataset.multi_scale_sizes": ()}, ["multi_scale_sizes", "non-empty tuple"]),
         ({"dataset.num_classes": 10}, ["dataset.num_classes", "0 or 1000 for imagenet2012"]),
-        ({"dataset.num_workers": -2}, ["dataset.num_workers", "-1 (one per CPU core)"]),
+        ({"dataset.num_workers": -2}, ["dataset.num_workers", "-1 (the CPUs this process may use"]),
+        ({"dataset.read_threads": 0}, ["dataset.read_threads", "an integer >= 1"]),
+        ({"dataset.read_buffer_size": 1}, ["dataset.read_buffer_size", ">= dataset.read_threads (2)"]),
+        ({"dataset.worker_buffer_size": 0}, ["dataset.worker_buffer_size", "an integer >= 1"]),
         ({"dataset.prefetch_batches": 0}, ["dataset.prefetch_batches", ">= 1"]),
         ({"steps_per_dispatch": 2}, ["steps_per_dispatch", "1 for a streamed dataset"]),
         ({"dataset.name": "image_folder"}, ["dataset.data_dir", "train/<class>/*"]),
@@ -274,6 +277,7 @@ def test_the_fingerprint_and_the_resume_check_leave_out_exactly_the_keys_marked_
     assert config_lib.LOGISTICS_KEYS == {
         "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints", "tensorboard",
         "eval_batch_size", "dataset.data_dir", "dataset.num_workers", "dataset.prefetch_batches",
+        "dataset.read_threads", "dataset.read_buffer_size", "dataset.worker_buffer_size",
         "model.conv",  # the CPU's convolution path: the same results to float rounding on each
     }
     base = cifar_recipe("resnet20")

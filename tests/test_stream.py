@@ -1,5 +1,8 @@
 """The streamed input pipeline on a tiny generated image folder: what it reads, which
-batches it gives (deterministic, resumable, split between processes), bad data."""
+batches it gives (deterministic, resumable, split between processes), bad data, and how
+far decoding runs ahead of the consumer."""
+
+import time
 
 import numpy as np
 import pytest
@@ -109,6 +112,84 @@ def test_worker_processes_give_the_same_batches_as_the_main_process(folder):
     workers = stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train",))
     for a, b in zip(host_batches(in_process, 2, 3), host_batches(workers, 2, 3), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class CountingSource:
+    """An image source that appends a byte to the file `log` for each image it decodes, in
+    whichever process decodes it."""
+
+    def __init__(self, source, log):
+        self.source, self.log = source, str(log)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        with open(self.log, "ab") as log:
+            log.write(b".")
+        return self.source[index]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahead(folder, tmp_path, workers):
+    config = small_config(folder)
+    config.num_train_steps = 40
+    data = stream.StreamedData(config, data_parallel(), ("train",))
+    log = tmp_path / "decoded"
+    log.touch()
+    data.train = CountingSource(data.train, log)
+    options = stream.PipelineOptions(workers=workers, read_threads=2, read_buffer=3, worker_buffer=2)
+    assert options.examples_ahead == (3 if workers == 0 else 2 * (3 + 2 * 2 + 2))
+    host = stream.HostBatches(data.train_dataset(0), 4, options)
+    ahead = []
+    try:
+        for received in range(1, 9):
+            assert next(host)["image"].shape == (4, 16, 16, 3)
+            time.sleep(0.5)  # a slow training step: meanwhile the pipeline fills every buffer
+            ahead.append(log.stat().st_size - 4 * received)
+    finally:
+        host.close()
+    assert 0 < max(ahead) <= options.examples_ahead, ahead
+
+
+def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
+    import grain
+
+    examples = grain.MapDataset.range(10).map(lambda i: {"x": np.full(2, i, np.int32), "i": np.int32(i)})
+    host = stream.HostBatches(examples, 4, stream.PipelineOptions(0, 1, 1, 1))
+    batches = list(host)
+    assert [b["i"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batches[2]["x"].tolist() == [[8, 8], [9, 9]]
+
+
+def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_remedies(folder, monkeypatch):
+    options = stream.PipelineOptions.of(small_config(folder, num_workers=2))
+    assert options.examples_in_shared_memory == 2 * (2 * 4 + 2) + 50  # the defaults' worker buffers of 4
+    # A 16x16 crop (768 bytes) and its lighting offset take a page each.
+    need = options.examples_in_shared_memory * 2 * 4096
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: need // 2)
+    with pytest.raises(DataError, match=r"/dev/shm has 0.3 MiB free, but the training pipeline needs up to "
+                                        r"0.5 MiB there: 70 examples in flight .* of 8192 bytes.*--shm-size"):
+        stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train",))
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
+    example = {"image": np.zeros((16, 16, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
+    stream.check_shared_memory(options, example, "x")
+    in_process = stream.PipelineOptions.of(small_config(folder, num_workers=0))
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 0)
+    stream.check_shared_memory(in_process, example, "x")  # no workers: no shared memory
+
+
+def test_automatic_workers_share_this_process_cpus_among_the_hosts_training_processes(monkeypatch):
+    monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    for name in (*stream._LOCAL_SIZE_VARIABLES, "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(name, raising=False)
+    assert stream.auto_workers() == 12
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert stream.auto_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert stream.auto_workers() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "5")  # SLURM's CPUs are already this task's own
+    assert stream.auto_workers() == 5
 
 
 @pytest.mark.parametrize("mode, shape", [("center", (4, 16, 16, 3)), ("ten_crop", (4, 10, 16, 16, 3))])

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -265,36 +266,153 @@ class _RecordBucket:
             return np.int32(-1)
 
 
-def _workers(num_workers: int) -> int:
-    return (os.cpu_count() or 1) if num_workers == -1 else num_workers
+# Launchers' count of the processes they started on this host (torchrun and friends, Open
+# MPI, MPICH/Hydra, SLURM with --ntasks-per-node). Without one: one process per host, as
+# `jax.distributed` on a TPU pod or one trainer driving all of a node's GPUs.
+_LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                         "SLURM_NTASKS_PER_NODE")
+
+# Grain unlinks the shared memory of an example the consumer is done with on a background
+# thread, with up to this many unlinks pending (`SharedMemoryArray.enable_async_del`'s
+# default): blocks already copied into a batch that may still occupy /dev/shm.
+_PENDING_SHM_UNLINKS = 50
+_PAGE = 4096  # a shared-memory block takes whole pages
+
+
+def auto_workers() -> int:
+    """`dataset.num_workers = -1`: the CPUs this process may use (its affinity, which
+    taskset, cpusets and container CPU sets narrow; `os.cpu_count()` ignores them), divided
+    among the training processes on this host, at least 1.
+
+    The processes on this host are the launcher's local size (`_LOCAL_SIZE_VARIABLES`):
+    processes started side by side see the same CPUs and would otherwise each start one
+    worker per CPU. SLURM with --cpus-per-task gives each task its own CPUs, so its
+    `SLURM_CPUS_PER_TASK` is this process's share as it stands. A CPU quota without a CPU
+    set (docker --cpus) is not visible here: set the number of workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return max(1, min(cpus, int(os.environ["SLURM_CPUS_PER_TASK"])))
+    local = next((int(os.environ[name]) for name in _LOCAL_SIZE_VARIABLES if os.environ.get(name)), 1)
+    return max(1, cpus // local)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """How one host decodes examples: in `workers` processes (0: in this one), each reading
+    with `read_threads` threads and up to `read_buffer` examples submitted ahead, and
+    passing finished examples to this process through queues of `worker_buffer` (Grain's
+    `ReadOptions` and `MultiprocessingOptions`; the `dataset.` keys of the same names)."""
+
+    workers: int
+    read_threads: int
+    read_buffer: int
+    worker_buffer: int
+
+    @classmethod
+    def of(cls, config: ml_collections.ConfigDict) -> PipelineOptions:
+        d = config.dataset
+        workers = auto_workers() if d.num_workers == -1 else d.num_workers
+        return cls(workers, d.read_threads, d.read_buffer_size, d.worker_buffer_size)
+
+    @property
+    def examples_in_shared_memory(self) -> int:
+        """Most examples in /dev/shm at once: per worker, one being queued, `worker_buffer`
+        in its queue, `worker_buffer` in this process's buffer for it and one on its way
+        there; and the consumed ones whose unlinking is pending. None without workers."""
+        return self.workers * (2 * self.worker_buffer + 2) + _PENDING_SHM_UNLINKS if self.workers else 0
+
+    @property
+    def examples_ahead(self) -> int:
+        """Most examples decoded (or being decoded) that the consumer has not yet received
+        in a batch, whenever it is not inside `next()`: the read buffer of this process
+        (0 workers), or each worker's read buffer plus what it has in flight towards this
+        process (`examples_in_shared_memory` less the pending unlinks). The batch being
+        assembled exists only inside `next()`, so host memory for examples is this many
+        times an example's size, plus the batch."""
+        if not self.workers:
+            return self.read_buffer
+        return self.workers * (self.read_buffer + 2 * self.worker_buffer + 2)
+
+
+def shared_memory_bytes(example: Any) -> int:
+    """The /dev/shm an example takes between processes: each numpy array its own block."""
+    return sum(-(-leaf.nbytes // _PAGE) * _PAGE for leaf in jax.tree_util.tree_leaves(example)
+               if isinstance(leaf, np.ndarray) and leaf.nbytes)
+
+
+def _free_shared_memory(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory filesystem workers pass examples through (None: no such
+    folder, as on macOS, where Python's shared memory lives elsewhere)."""
+    return shutil.disk_usage(path).free if os.path.isdir(path) else None
+
+
+def check_shared_memory(options: PipelineOptions, example: Any, what: str) -> None:
+    """Refuses, naming the sizes and the ways out, a pipeline whose examples in flight
+    between worker processes would not fit in the free /dev/shm."""
+    need = options.examples_in_shared_memory * shared_memory_bytes(example)
+    free = _free_shared_memory()
+    if free is None or need <= free:
+        return
+    mib = 2**20
+    raise DataError(
+        f"/dev/shm has {free / mib:.1f} MiB free, but the {what} pipeline needs up to {need / mib:.1f} MiB "
+        f"there: {options.examples_in_shared_memory} examples in flight between its {options.workers} worker "
+        f"processes and this one (workers x (2 x dataset.worker_buffer_size + 2) + {_PENDING_SHM_UNLINKS}) "
+        f"of {shared_memory_bytes(example)} bytes. Give the container more shared memory (docker run "
+        f"--shm-size=1g, Kubernetes: an emptyDir with medium Memory on /dev/shm), or lower "
+        f"dataset.num_workers or dataset.worker_buffer_size."
+    )
 
 
 class HostBatches:
-    """Batches of a Grain MapDataset, decoded in `num_workers` processes (0: in this one,
-    by threads), as an iterator of numpy trees; `close()` stops the workers."""
+    """Batches of `batch_size` examples (the last one possibly smaller) of a Grain MapDataset
+    of single examples, decoded as `options` says, as an iterator of numpy trees; `close()`
+    stops the workers.
 
-    def __init__(self, dataset, num_workers: int):
+    Workers hand over single examples, and each is copied into its batch here as it
+    arrives: a worker's buffer holds examples, never batches, and shared memory holds only
+    the examples in flight (`PipelineOptions.examples_in_shared_memory`). The examples come
+    in the dataset's order for any number of workers (Grain interleaves the workers' slices
+    round-robin). `check_shared_memory` first, where workers pass examples of a new size."""
+
+    def __init__(self, dataset, batch_size: int, options: PipelineOptions):
         grain = _grain()
-        iter_dataset = dataset.to_iter_dataset()
-        workers = _workers(num_workers)
-        if workers:
+        self.batch_size = batch_size
+        iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+            num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer))
+        if options.workers:
             from absl import flags
 
             # Grain copies absl's flag values into its workers, and reading them needs them
             # parsed; train.py and evaluate.py parse their own flags with argparse.
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
-            iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        self._iterator = iter(iter_dataset)
+            iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=options.workers, per_worker_buffer_size=options.worker_buffer))
+        self._examples = iter(iter_dataset)
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self):
-        return next(self._iterator)
+        batch, treedef = None, None
+        for k in range(self.batch_size):
+            try:
+                example = next(self._examples)
+            except StopIteration:
+                if batch is None:
+                    raise
+                return jax.tree_util.tree_unflatten(treedef, [leaf[:k] for leaf in batch])
+            leaves, treedef = jax.tree_util.tree_flatten(example)
+            if batch is None:
+                batch = [np.empty((self.batch_size, *np.shape(leaf)), np.asarray(leaf).dtype)
+                         for leaf in leaves]
+            for column, leaf in zip(batch, leaves, strict=True):
+                column[k] = leaf
+        return jax.tree_util.tree_unflatten(treedef, batch)
 
     def close(self) -> None:
-        close = getattr(self._iterator, "close", None)
+        close = getattr(self._examples, "close", None)
         if close is not None:
             close()
 
@@ -328,6 +446,10 @@ class StreamedData:
         if "eval" in roles:
             self.eval = open_split(d.name, d.eval_split, data_dir, getattr(self.train, "classes", None))
         self.num_classes = self.train.num_classes
+        self.pipeline = PipelineOptions.of(config)
+        # The training examples are the largest the normalisation sample and the multi-
+        # scale plan pass too; evaluation checks its own views (`eval_batches`).
+        self._check_shared_memory(self.train_dataset(0), "training")
         self.normalization = self._normalization()
 
     def _normalization(self) -> Normalization:
@@ -336,9 +458,8 @@ class StreamedData:
         sample = np.sort(np.random.default_rng([self.settings.seed, 2]).choice(
             n, min(n, NORMALIZATION_SAMPLE), replace=False))
         dataset = grain.MapDataset.range(len(sample)).map(
-            _EvalExample(self.train, sample, self.settings, "center", _Positions(len(sample), 0, 1))
-        ).batch(64)
-        batches = HostBatches(dataset, self.config.dataset.num_workers)
+            _EvalExample(self.train, sample, self.settings, "center", _Positions(len(sample), 0, 1)))
+        batches = HostBatches(dataset, 64, self.pipeline)
         try:
             images = np.concatenate([batch["views"][batch["mask"]] for batch in batches])
         finally:
@@ -349,12 +470,17 @@ class StreamedData:
         put = lambda a: jax.make_array_from_process_local_data(self.parallel.replicated, a)  # noqa: E731
         return Normalization(put(mean), put(std))
 
+    def _check_shared_memory(self, dataset, what: str) -> None:
+        if self.pipeline.workers and len(dataset):  # decodes one example, in this process
+            check_shared_memory(self.pipeline, dataset[0], what)
+
     def _positions(self, batch_size: int) -> _Positions:
         return _Positions(batch_size, jax.process_index(), jax.process_count())
 
     @contextlib.contextmanager
-    def _batches(self, dataset) -> Iterator[Iterator[StreamedBatch]]:
-        host = HostBatches(dataset, self.config.dataset.num_workers)
+    def _batches(self, dataset, batch_size: int) -> Iterator[Iterator[StreamedBatch]]:
+        """`dataset`'s examples in batches of this process's share of `batch_size`, on the devices."""
+        host = HostBatches(dataset, batch_size // jax.process_count(), self.pipeline)
         try:
             batches = _on_devices(host, self.parallel, self.config.dataset.prefetch_batches)
             yield (StreamedBatch(batch, self.normalization) for batch in batches)
@@ -362,17 +488,17 @@ class StreamedData:
             host.close()
 
     def train_dataset(self, start_step: int):
-        """The Grain MapDataset of this process's share of the training batches from
-        `start_step` on, as numpy trees on the host (what `train_batches` transfers)."""
+        """The Grain MapDataset of this process's examples of the training batches from
+        `start_step` on, one numpy tree each, in order: its share of each batch in turn
+        (what `train_batches` batches and transfers)."""
         grain, c = _grain(), self.config
         share = c.batch_size // jax.process_count()
         return grain.MapDataset.range(start_step * share, c.num_train_steps * share).map(
-            _TrainExample(self.train, self.settings, self._positions(c.batch_size))
-        ).batch(share)
+            _TrainExample(self.train, self.settings, self._positions(c.batch_size)))
 
     def train_batches(self, start_step: int) -> contextlib.AbstractContextManager[Iterator[StreamedBatch]]:
         """The inputs of the training steps from `start_step` on."""
-        return self._batches(self.train_dataset(start_step))
+        return self._batches(self.train_dataset(start_step), self.config.batch_size)
 
     def multi_scale_plan(self) -> tuple[np.ndarray, np.ndarray]:
         """(records, buckets) by position of multi-scale evaluation: the records grouped by
@@ -382,8 +508,8 @@ class StreamedData:
         image folder's file headers; a TFDS record is decoded)."""
         grain, batch = _grain(), self.config.eval_batch_size
         sizes = grain.MapDataset.range(len(self.eval)).map(
-            _RecordBucket(self.eval, self.settings.skip_unreadable)).batch(256)
-        host = HostBatches(sizes, self.config.dataset.num_workers)
+            _RecordBucket(self.eval, self.settings.skip_unreadable))
+        host = HostBatches(sizes, 256, self.pipeline)
         try:
             record_buckets = np.concatenate(list(host))
         finally:
@@ -407,7 +533,7 @@ class StreamedData:
         else:
             records, buckets = np.arange(len(self.eval)), None
         num_batches = -(-len(records) // c.eval_batch_size)
-        dataset = grain.MapDataset.range(num_batches * share).map(
-            _EvalExample(self.eval, records, self.settings, mode, self._positions(c.eval_batch_size), buckets)
-        ).batch(share)
-        return self._batches(dataset)
+        dataset = grain.MapDataset.range(num_batches * share).map(_EvalExample(
+            self.eval, records, self.settings, mode, self._positions(c.eval_batch_size), buckets))
+        self._check_shared_memory(dataset, f"{mode} evaluation")
+        return self._batches(dataset, c.eval_batch_size)
