@@ -1,9 +1,11 @@
 """Large datasets (ImageNet) streamed by a host pipeline into the devices.
 
-Grain (`pip install -e '.[stream]'`, imported only here) maps batch positions to
+Grain (`pip install -e '.[stream]'`, imported only here) maps positions to single
 examples: decode with Pillow and augment with numpy (`data/augment.py`) in worker
-processes, batch, and each process turns its part of every batch into the global array
-with the mesh's batch sharding; a few batches wait on the devices ahead of the step.
+processes (`PipelineOptions`); this process batches them as they arrive (`HostBatches`),
+so buffers hold examples, never batches, and at most `PipelineOptions.examples_ahead` are
+decoded ahead of the consumer. Each process turns its part of every batch into the global
+array with the mesh's batch sharding; a few batches wait on the devices ahead of the step.
 
 Everything is index-based, so training batch `s` is a pure function of (seed, s):
 - global position g = s * batch_size + k is example k of batch s; epoch g // N uses the
