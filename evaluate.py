@@ -2,7 +2,14 @@
 
 python evaluate.py --workdir=runs/r20 [--step=latest|best|N] [--split=test]
 python evaluate.py --workdir=runs/imagenet_resnet50 --mode=center|ten_crop|multi_scale
-    [--multi_scale_average=scores|probabilities]
+    [--multi_scale_average=scores|probabilities] [--eval_batch_size=N] [--num_workers=N]
+
+--eval_batch_size and --num_workers replace the run's eval_batch_size and
+dataset.num_workers, so that a run trained on many devices evaluates on one machine: the
+batch must be a positive multiple of this machine's device count (it is not rounded;
+anything else is refused with exit status 2 before anything compiles). An evaluation set
+smaller than the batch is scored as one batch of its own size, rounded up to the device
+count.
 """
 
 import argparse
@@ -22,10 +29,11 @@ def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
     if overrides:
         raise cli.ConfigError(
             "evaluate.py takes no --config.* overrides: the run's saved config is used; "
-            "flags: --workdir, --step, --split, --data_dir, --mode, --multi_scale_average"
+            "flags: --workdir, --step, --split, --data_dir, --mode, --multi_scale_average, "
+            "--eval_batch_size, --num_workers"
         )
     result = evaluate_workdir(args.workdir, args.step, args.split, args.data_dir, args.mode,
-                              args.multi_scale_average)
+                              args.multi_scale_average, args.eval_batch_size, args.num_workers)
     if jax.process_index() == 0:  # every process evaluates; one prints
         print(json.dumps(result))
 
@@ -44,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
                    help="multi_scale: scores (default; the paper's reference, VGG's testing): each "
                         "view's class-score map averaged over the image, then its softmax averaged "
                         "over flips and scales; probabilities: the softmax at every location averaged")
+    p.add_argument("--eval_batch_size", type=int, default=None,
+                   help="global eval batch, a positive multiple of the device count (default: the run's)")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="streamed datasets: decoding processes per host, -1 one per CPU core, 0 in this "
+                        "process (default: the run's dataset.num_workers)")
     cli.add_distributed_flags(p)
     return p
 

@@ -479,10 +479,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_dataset(config.dataset)
     _require(config.dataset.name in DATASETS or config.steps_per_dispatch == 1, "steps_per_dispatch",
              config.steps_per_dispatch, "1 for a streamed dataset (each step gets its batch from the host)")
-    for key in ("batch_size", "eval_batch_size"):
-        value = config[key]
-        _require(value > 0 and value % num_devices == 0, key, value,
-                 f"a positive multiple of the device count ({num_devices})")
+    _require(config.batch_size > 0 and config.batch_size % num_devices == 0, "batch_size", config.batch_size,
+             f"a positive multiple of the device count ({num_devices})")
+    check_evaluation(config, num_devices)
     for key in ("num_train_steps", "eval_every_steps", "checkpoint_every_steps", "log_every_steps",
                 "keep_checkpoints", "steps_per_dispatch"):
         _require(config[key] >= 1, key, config[key], "an integer >= 1")
@@ -513,6 +512,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
              f"0 (whole batch) or a divisor of batch_size ({config.batch_size})")
     _require(group == 0 or per_device % group == 0 or group % per_device == 0, "bn_group_size", group,
              f"a divisor or multiple of the per-device batch ({per_device}), so groups align with devices")
+
+
+def check_evaluation(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Refuse an eval batch or worker count that cannot run on `num_devices`: the keys
+    evaluate.py may override at evaluation time (a run evaluated on other devices)."""
+    _require(config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0, "eval_batch_size",
+             config.eval_batch_size, f"a positive multiple of the device count ({num_devices})")
+    _require(config.dataset.num_workers >= -1, "dataset.num_workers", config.dataset.num_workers,
+             "-1 (the CPUs this process may use, shared among the host's training processes), "
+             "0 (in the main process) or a number of processes")
 
 
 def _check_dataset(dataset: ml_collections.ConfigDict) -> None:
@@ -559,9 +568,6 @@ def _check_dataset(dataset: ml_collections.ConfigDict) -> None:
     sizes = dataset.multi_scale_sizes
     _require(len(sizes) > 0 and all(isinstance(s, int) and s >= 1 for s in sizes),
              "dataset.multi_scale_sizes", sizes, "a non-empty tuple of shorter sides (integers >= 1)")
-    _require(dataset.num_workers >= -1, "dataset.num_workers", dataset.num_workers,
-             "-1 (the CPUs this process may use, shared among the host's training processes), "
-             "0 (in the main process) or a number of processes")
     _require(dataset.read_threads >= 1, "dataset.read_threads", dataset.read_threads, "an integer >= 1")
     _require(dataset.read_buffer_size >= dataset.read_threads, "dataset.read_buffer_size",
              dataset.read_buffer_size, f"an integer >= dataset.read_threads ({dataset.read_threads}): "

@@ -6,6 +6,10 @@ Streamed datasets (image_folder, imagenet2012, imagenette) can also be scored th
 other ways (`scoring.MODES`): ten crops, or fully-convolutional at several scales. The
 small in-memory datasets have images the size of the network's input, with nothing to
 crop or rescale, so only "center" (the whole image) applies to them.
+
+The eval batch and the number of decoding workers can be chosen at evaluation time, so a
+run trained on a pod evaluates on a workstation; a set smaller than the batch is scored
+as one batch of its own size (rounded up to the device count).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from resnet_jax import checkpoint, scoring
-from resnet_jax.config import ConfigError
+from resnet_jax.config import ConfigError, check_evaluation
 from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS
 from resnet_jax.data.sources import SPLITS
 from resnet_jax.parallel import data_parallel
@@ -21,10 +25,16 @@ from resnet_jax.train import eval_metrics, open_inputs, with_dataset_classes
 
 
 def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", split: str | None = None,
-                     data_dir: str | None = None, mode: str = "center", average: str = "scores") -> dict:
+                     data_dir: str | None = None, mode: str = "center", average: str = "scores",
+                     eval_batch_size: int | None = None, num_workers: int | None = None) -> dict:
     """{'step', 'mode', 'error', 'top5_error', 'loss', 'num_examples'} of a checkpoint on a
     split (default: the eval split the run was trained with), scored as `mode` says
-    (multi_scale: also 'average', where its softmax and averages happen, `scoring.AVERAGES`)."""
+    (multi_scale: also 'average', where its softmax and averages happen, `scoring.AVERAGES`).
+
+    `eval_batch_size` (a positive multiple of the device count) and `num_workers` (a
+    streamed dataset's decoding processes, as `dataset.num_workers`) replace the run's
+    values; they change how the work is split, not the scores (to float rounding of the
+    mean loss)."""
     if mode not in scoring.MODES:
         raise ConfigError(f"--mode={mode!r} is not accepted; expected one of {', '.join(scoring.MODES)}")
     if average not in scoring.AVERAGES:
@@ -50,15 +60,33 @@ def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", spl
     if data_dir is not None:
         config.dataset.data_dir = data_dir
     parallel = data_parallel()
+    with_evaluation_settings(config, eval_batch_size, num_workers, parallel.num_devices)
     inputs = open_inputs(config, parallel, ("eval",))
     with_dataset_classes(config, inputs.num_classes)  # refuses data with other classes than the run's
     step_number = checkpoint_step(workdir, step)  # once: "latest" must not move in between
     model, variables, _ = checkpoint.load(workdir, step_number)
     eval_step = inputs.eval_step(model, mode, average)
-    with inputs.eval_batches(mode) as batches:
-        result = eval_metrics(eval_step, variables, batches)
+    with inputs.eval_passes(mode) as one_pass:
+        result = eval_metrics(eval_step, variables, one_pass())
     protocol = {"mode": mode, "average": average} if mode == "multi_scale" else {"mode": mode}
     return {"step": step_number, **protocol, **result}
+
+
+def with_evaluation_settings(config, eval_batch_size: int | None, num_workers: int | None,
+                             num_devices: int) -> None:
+    """Set the eval batch and worker count given (None: the run's) on `config`, and refuse
+    values that cannot run on these devices, the run's own included (an eval batch of a
+    pod that does not divide over this machine's devices), before anything is read."""
+    if eval_batch_size is not None:
+        config.eval_batch_size = eval_batch_size
+    if num_workers is not None:
+        config.dataset.num_workers = num_workers
+    try:
+        check_evaluation(config, num_devices)
+    except ConfigError as error:
+        raise ConfigError(f"{error}; evaluate.py's --eval_batch_size and --num_workers replace the run's "
+                          f"values (now eval_batch_size={config.eval_batch_size}, "
+                          f"num_workers={config.dataset.num_workers})") from None
 
 
 def checkpoint_step(workdir: Path, step: str | int | None) -> int:

@@ -69,3 +69,10 @@ def data_parallel(devices: list | None = None) -> Parallel:
     """A `data` mesh over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else devices
     return Parallel(Mesh(np.asarray(devices), (DATA_AXIS,)))
+
+
+def eval_batch_size_for(batch_size: int, num_examples: int, num_devices: int) -> int:
+    """The eval batch for a set of `num_examples`: `batch_size`, or where the set is smaller,
+    its size rounded up to a multiple of the device count, so that a small set is not
+    padded (and computed) to a whole batch."""
+    return min(batch_size, -(-max(num_examples, 1) // num_devices) * num_devices)

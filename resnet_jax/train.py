@@ -10,7 +10,8 @@ the batch comes from is the only difference between the two kinds of data:
   receives its batch, already split over the devices (see `data/stream.py`).
 Either way a step is called as `step(state, inputs=..., key=...)`, `inputs` being one
 value of its kind: the split (`memory.DeviceData`) or the batch and its normalisation
-(`stream.StreamedBatch`); an eval step as `eval_step(variables, inputs=...)`.
+(`stream.StreamedBatch`); an eval step as `eval_step(variables, inputs)`, compiled before
+the first step (`compile_ahead`) for inputs like `inputs.eval_inputs_like(mode)`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from resnet_jax.data.image_records import STREAMED_DATASETS
 from resnet_jax.data.sources import load_split
 from resnet_jax.metrics import MetricWriter, Progress, classification_metrics
 from resnet_jax.models import ResNet
-from resnet_jax.parallel import Parallel, barrier, data_parallel
+from resnet_jax.parallel import Parallel, barrier, data_parallel, eval_batch_size_for
 from resnet_jax.preemption import PreemptionWatcher
 from resnet_jax.state import TrainState, abstract_train_state, build_model, init_state, input_shape
 
@@ -163,11 +164,11 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
     )
 
 
-def make_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel):
-    """`eval_step(variables, inputs) -> sums` over one batch (of `eval_batch_size` examples)
-    of a dataset on the devices, `inputs` naming it (`memory.EvalBatchIndex`); padding masked."""
+def make_eval_step(config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel, batch_size: int):
+    """`eval_step(variables, inputs) -> sums` over one batch (of `batch_size` examples) of a
+    dataset on the devices, `inputs` naming it (`memory.EvalBatchIndex`); padding masked."""
     def batch_of(inputs: memory.EvalBatchIndex):
-        return memory.eval_batch(inputs.data, inputs.index, config.eval_batch_size)
+        return memory.eval_batch(inputs.data, inputs.index, batch_size)
 
     return _compile_eval_step(config, model, parallel, batch_of, "center")
 
@@ -195,10 +196,26 @@ def _compile_eval_step(config: ml_collections.ConfigDict, model: ResNet, paralle
     )
 
 
-def memory_eval_inputs(data: memory.DeviceData, batch_size: int) -> list[memory.EvalBatchIndex]:
-    """The eval step's inputs for every batch of a dataset on the devices."""
-    return [memory.EvalBatchIndex(data, jnp.int32(index))
+def memory_eval_inputs(data: memory.DeviceData, batch_size: int,
+                       parallel: Parallel) -> list[memory.EvalBatchIndex]:
+    """The eval step's inputs for every batch of a dataset on the devices (each index
+    replicated, as the compiled step expects)."""
+    put = lambda index: jax.make_array_from_process_local_data(parallel.replicated, np.int32(index))  # noqa: E731
+    return [memory.EvalBatchIndex(data, put(index))
             for index in range(memory.num_eval_batches(data, batch_size))]
+
+
+def compile_ahead(step, name: str, announce: bool, *args):
+    """The jitted `step` compiled now for arguments like `args` (arrays or
+    `jax.ShapeDtypeStruct`s, shardings included), so that its compile time and any compile
+    error come before the run rather than at its first use; called positionally."""
+    if announce:
+        print(f"compiling the {name} ...", flush=True)
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    if announce:
+        print(f"compiled the {name} in {time.perf_counter() - start:.1f} s", flush=True)
+    return compiled
 
 
 def eval_metrics(eval_step, variables: dict, batches: Iterable) -> dict[str, float]:
@@ -206,7 +223,7 @@ def eval_metrics(eval_step, variables: dict, batches: Iterable) -> dict[str, flo
     inputs), each scored once."""
     totals = {"loss": 0.0, "errors": 0, "top5_errors": 0, "count": 0}
     for inputs in batches:
-        sums = jax.device_get(eval_step(variables, inputs=inputs))
+        sums = jax.device_get(eval_step(variables, inputs))
         for name in totals:
             totals[name] += sums[name].item()
     count = totals["count"]
@@ -243,6 +260,9 @@ class DeviceInputs:
     def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
         self.config, self.parallel = config, parallel
         self.data = load_data(config, parallel, roles)
+        if "eval" in roles:
+            self.eval_batch_size = eval_batch_size_for(
+                config.eval_batch_size, self.data["eval"].num_examples, parallel.num_devices)
 
     def describe(self) -> str:
         return f"{self.data['train'].num_examples} training / {self.data['eval'].num_examples} eval examples"
@@ -251,13 +271,18 @@ class DeviceInputs:
         return make_train_step(self.config, model, self.parallel)
 
     def eval_step(self, model: ResNet, mode: str, average: str = "scores"):
-        return make_eval_step(self.config, model, self.parallel)
+        return make_eval_step(self.config, model, self.parallel, self.eval_batch_size)
+
+    def eval_inputs_like(self, mode: str) -> memory.EvalBatchIndex:
+        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.parallel.replicated)
+        return memory.EvalBatchIndex(self.data["eval"], index)
 
     def train_batches(self, start_step: int):
         return contextlib.nullcontext(itertools.repeat(self.data["train"]))
 
-    def eval_batches(self, mode: str):
-        return contextlib.nullcontext(memory_eval_inputs(self.data["eval"], self.config.eval_batch_size))
+    def eval_passes(self, mode: str):
+        inputs = memory_eval_inputs(self.data["eval"], self.eval_batch_size, self.parallel)
+        return contextlib.nullcontext(lambda: iter(inputs))
 
 
 class StreamInputs:
@@ -267,6 +292,8 @@ class StreamInputs:
         self.config, self.parallel = config, parallel
         self.data = stream.StreamedData(config, parallel, roles)
         self.num_classes = self.data.num_classes
+        if "eval" in roles:
+            self.eval_batch_size = self.data.eval_batch_size
 
     def describe(self) -> str:
         return f"{len(self.data.train)} training / {len(self.data.eval)} eval examples (streamed)"
@@ -277,11 +304,14 @@ class StreamInputs:
     def eval_step(self, model: ResNet, mode: str, average: str = "scores"):
         return make_stream_eval_step(self.config, model, self.parallel, mode, average)
 
+    def eval_inputs_like(self, mode: str) -> stream.StreamedBatch | None:
+        return self.data.eval_batch_like(mode)
+
     def train_batches(self, start_step: int):
         return self.data.train_batches(start_step)
 
-    def eval_batches(self, mode: str):
-        return self.data.eval_batches(mode)
+    def eval_passes(self, mode: str):
+        return self.data.eval_passes(mode)
 
 
 def open_inputs(config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
@@ -381,7 +411,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     mngr, start, state = _restore_or_init(config, model, workdir, parallel, init_key, allow_config_change)
     train_step = inputs.train_step(model)
-    eval_step = inputs.eval_step(model, "center")
     schedule = schedules.learning_rate_schedule(config)
     writer = MetricWriter(workdir, config.tensorboard)
     writer.drop_after(start)
@@ -396,16 +425,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
             flush=True,
         )
 
+    # Compiled now: a compile error shows before hours of training, and the first
+    # evaluation does not stall the run to compile.
+    eval_step = compile_ahead(inputs.eval_step(model, "center"), "eval step", progress.enabled,
+                              {"params": state.params, "batch_stats": state.batch_stats},
+                              inputs.eval_inputs_like("center"))
+
     def run_eval() -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        with inputs.eval_batches("center") as batches:
-            result = eval_metrics(eval_step, variables, batches)
+        result = eval_metrics(eval_step, variables, eval_pass())
         return {f"eval_{k}": result[k] for k in ("loss", "error", "top5_error")}
 
     last_eval: dict[str, float] = {}
     step, pending = start, []
     interval_start, timed_steps = None, 0
-    with mngr, writer, inputs.train_batches(start) as train_batches:
+    # One eval pipeline for the run: each evaluation is one pass of it.
+    with (mngr, writer, inputs.train_batches(start) as train_batches,
+          inputs.eval_passes("center") as eval_pass):
         if progress.enabled and step < config.num_train_steps:
             print("compiling the training step ...", flush=True)  # the first call compiles it
         while step < config.num_train_steps:
@@ -465,11 +501,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
             if logged:  # evaluation and saving stay out of the next interval's throughput
                 interval_start, timed_steps = time.perf_counter(), 0
         mngr.wait_until_finished()
-    return last_eval or run_eval()  # nothing left to train: the restored checkpoint's numbers
+        return last_eval or run_eval()  # nothing left to train: the restored checkpoint's numbers
 
 
 __all__ = [
-    "DeviceInputs", "StreamInputs", "TrainingDiverged", "eval_metrics", "load_data", "make_eval_step",
-    "make_stream_eval_step", "make_stream_train_step", "make_train_step", "memory_eval_inputs", "open_inputs",
-    "train_and_evaluate", "with_dataset_classes",
+    "DeviceInputs", "StreamInputs", "TrainingDiverged", "compile_ahead", "eval_metrics", "load_data",
+    "make_eval_step", "make_stream_eval_step", "make_stream_train_step", "make_train_step",
+    "memory_eval_inputs", "open_inputs", "train_and_evaluate", "with_dataset_classes",
 ]

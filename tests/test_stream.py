@@ -2,6 +2,7 @@
 batches it gives (deterministic, resumable, split between processes), bad data, and how
 far decoding runs ahead of the consumer."""
 
+import multiprocessing
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from resnet_jax.config import imagenet_recipe
 from resnet_jax.data import augment, image_records, stream
 from resnet_jax.data.sources import DataError
+from resnet_jax.data.stream import HostBatches
 from resnet_jax.parallel import data_parallel
 from tests.fake_data import write_image_folder
 
@@ -196,8 +198,8 @@ def test_automatic_workers_share_this_process_cpus_among_the_hosts_training_proc
 def test_evaluation_reads_every_image_once_in_order_padding_masked(folder, mode, shape):
     data = stream.StreamedData(small_config(folder), data_parallel(), ("train", "eval"))
     labels, masks = [], []
-    with data.eval_batches(mode) as batches:
-        for inputs in batches:
+    with data.eval_passes(mode) as one_pass:
+        for inputs in one_pass():
             batch = inputs.batch
             assert batch["views"].shape == shape
             labels.append(np.asarray(batch["label"]))
@@ -206,6 +208,41 @@ def test_evaluation_reads_every_image_once_in_order_padding_masked(folder, mode,
     labels, masks = np.concatenate(labels), np.concatenate(masks)
     assert masks.tolist() == [True] * 9 + [False] * 3
     np.testing.assert_array_equal(labels[:9], np.repeat([0, 1, 2], 3))
+
+
+def eval_pass_arrays(one_pass, keys=("views", "label", "mask")):
+    return [{k: np.asarray(inputs.batch[k]) for k in keys} for inputs in one_pass()]
+
+
+def test_one_worker_pool_serves_every_evaluation_each_pass_the_whole_set_and_closes(folder, monkeypatch):
+    opened = []
+    monkeypatch.setattr(stream, "HostBatches", lambda *args: opened.append(args) or HostBatches(*args))
+    data = stream.StreamedData(small_config(folder, num_workers=1), data_parallel(), ("train", "eval"))
+    opened.clear()  # the normalisation sample's pool
+    with data.eval_passes("center") as one_pass:
+        passes = [eval_pass_arrays(one_pass) for _ in range(3)]
+        workers = multiprocessing.active_children()
+        assert len(opened) == 1 and workers  # one pool, started at the first pass, still there
+    assert not set(workers) & set(multiprocessing.active_children())  # stopped at the close
+    assert [len(batches) for batches in passes] == [3, 3, 3]  # 9 images in batches of 4, each time
+    for later in passes[1:]:
+        for a, b in zip(passes[0], later, strict=True):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("mode", ["center", "ten_crop", "multi_scale"])
+def test_an_eval_set_smaller_than_the_batch_is_one_batch_of_its_own_size(folder, mode):
+    config = small_config(folder)
+    config.eval_batch_size = 64
+    data = stream.StreamedData(config, data_parallel(), ("train", "eval"))
+    assert data.eval_batch_size == 9
+    with data.eval_passes(mode) as one_pass:
+        batches = eval_pass_arrays(one_pass, ("label", "mask"))
+    masks = np.concatenate([batch["mask"] for batch in batches])
+    assert {len(batch["label"]) for batch in batches} == {9} and masks.sum() == 9
+    if mode != "multi_scale":  # multi-scale pads each canvas bucket to a batch
+        assert len(batches) == 1
 
 
 def test_multi_scale_batches_hold_one_canvas_bucket_each_and_every_image_once(folder):
@@ -217,8 +254,8 @@ def test_multi_scale_batches_hold_one_canvas_bucket_each_and_every_image_once(fo
     assert records.tolist() == [0, 2, 3, 5, 6, 8, -1, -1, 1, 4, 7, -1]
     assert buckets.tolist() == [landscape] * 8 + [portrait] * 4
     shapes, masks, valid = [], [], []
-    with data.eval_batches("multi_scale") as batches:
-        for batch in (inputs.batch for inputs in batches):
+    with data.eval_passes("multi_scale") as one_pass:
+        for batch in (inputs.batch for inputs in one_pass()):
             shapes.append(tuple(v.shape for v in batch["views"]))
             masks += np.asarray(batch["mask"]).tolist()
             valid.append(np.asarray(batch["valid"]))

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from resnet_jax import checkpoint
-from resnet_jax.config import cifar_recipe
+from resnet_jax.config import ConfigError, cifar_recipe
 from resnet_jax.evaluate import evaluate_workdir
-from resnet_jax.train import train_and_evaluate
+from resnet_jax.parallel import data_parallel
+from resnet_jax.train import open_inputs, train_and_evaluate
 from tests.fake_data import write_graded_fashion_mnist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,38 @@ def test_evaluate_equals_the_in_training_eval(trained):
     assert evaluate_workdir(workdir, "best")["step"] == min(evals, key=lambda s: (evals[s]["eval_error"], s))
 
 
+def test_evaluate_with_a_smaller_eval_batch_scores_as_the_trained_one(trained):
+    workdir, _ = trained
+    trained_batch = evaluate_workdir(workdir, 24)  # batches of 64: the second one padded
+    smaller = evaluate_workdir(workdir, 24, eval_batch_size=8)
+    assert smaller["num_examples"] == 100
+    assert (smaller["error"], smaller["top5_error"]) == (trained_batch["error"], trained_batch["top5_error"])
+    np.testing.assert_allclose(smaller["loss"], trained_batch["loss"], rtol=1e-6)  # summed in other groups
+
+
+@pytest.mark.parametrize("flags, named", [
+    ({"eval_batch_size": 0}, "config.eval_batch_size = 0 is not accepted; expected a positive multiple"),
+    ({"num_workers": -2}, "config.dataset.num_workers = -2 is not accepted"),
+])
+def test_evaluate_refuses_an_eval_batch_or_worker_count_it_cannot_use(trained, flags, named):
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*--eval_batch_size and --num_workers"):
+        evaluate_workdir(trained[0], **flags)
+
+
+def test_an_eval_set_smaller_than_the_batch_runs_as_one_batch_of_its_own_size(trained, tmp_path):
+    workdir, _ = trained
+    tiny = write_graded_fashion_mnist(tmp_path, 0, 512, 6, gz=True)  # the same training split
+    inputs = open_inputs(tiny_config(tiny), data_parallel(), ("train", "eval"))  # eval_batch_size 64
+    assert inputs.eval_batch_size == 6
+    with inputs.eval_passes("center") as one_pass:
+        assert len(list(one_pass())) == 1
+    whole = evaluate_workdir(workdir, 24, data_dir=str(tiny))
+    in_threes = evaluate_workdir(workdir, 24, data_dir=str(tiny), eval_batch_size=3)
+    assert whole["num_examples"] == in_threes["num_examples"] == 6
+    assert whole["error"] == in_threes["error"]
+    np.testing.assert_allclose(whole["loss"], in_threes["loss"], rtol=1e-6)
+
+
 def test_evaluate_cli_prints_one_json_line(trained):
     workdir, _ = trained
     out = (
@@ -138,11 +171,14 @@ def test_the_console_says_compiling_then_shows_the_first_step_then_every_log_int
     train_and_evaluate(config, tmp_path / "run")
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet8: ") and lines[0].endswith("from scratch")
-    assert lines[1] == "compiling the training step ..."
-    assert re.fullmatch(r"compiled the training step in \d+\.\d s", lines[2])
-    steps = [line.split()[1] for line in lines[3:]]
+    # The eval step compiles before training: its errors, and its time, come first.
+    assert lines[1] == "compiling the eval step ..."
+    assert re.fullmatch(r"compiled the eval step in \d+\.\d s", lines[2])
+    assert lines[3] == "compiling the training step ..."
+    assert re.fullmatch(r"compiled the training step in \d+\.\d s", lines[4])
+    steps = [line.split()[1] for line in lines[5:]]
     assert steps == ["1/8", "4/8", "8/8", "8/8"]  # the first step, every log_every_steps, the eval
-    assert "train_loss" in lines[3] and "eval_error" in lines[-1]
+    assert "train_loss" in lines[5] and "eval_error" in lines[-1]
     assert [line["step"] for line in read_lines(tmp_path / "run") if "train_loss" in line] == [4, 8]
 
 

@@ -15,7 +15,10 @@ Everything is index-based, so training batch `s` is a pure function of (seed, s)
   only its own share of each batch, and the global batch is the same for any P.
 The position to resume from is therefore the step the checkpoint already holds: a
 resumed run gets exactly the batches it would have got, on any number of processes or
-workers. Evaluation reads every record once, in order, the last batch padded and masked.
+workers. Evaluation reads every record once, in order, the last batch padded and masked;
+a set smaller than the eval batch is one batch of its own size (rounded up to the device
+count). The eval pipeline of a training run is opened once: its workers serve every
+evaluation, each one pass over the records.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -37,7 +41,7 @@ import numpy as np
 from resnet_jax.data import augment
 from resnet_jax.data.image_records import open_split
 from resnet_jax.data.sources import DataError
-from resnet_jax.parallel import Parallel
+from resnet_jax.parallel import Parallel, eval_batch_size_for
 
 # Training images whose center crops give the normalisation statistics: a seeded sample
 # (ImageNet's mean is known to ~0.1% from 1000 images; the whole set would take an epoch).
@@ -450,7 +454,7 @@ class StreamedData:
         self.num_classes = self.train.num_classes
         self.pipeline = PipelineOptions.of(config)
         # The training examples are the largest the normalisation sample and the multi-
-        # scale plan pass too; evaluation checks its own views (`eval_batches`).
+        # scale plan pass too; evaluation checks its own views (`eval_passes`).
         self._check_shared_memory(self.train_dataset(0), "training")
         self.normalization = self._normalization()
 
@@ -475,6 +479,12 @@ class StreamedData:
     def _check_shared_memory(self, dataset, what: str) -> None:
         if self.pipeline.workers and len(dataset):  # decodes one example, in this process
             check_shared_memory(self.pipeline, dataset[0], what)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """The global eval batch: the config's, or the size of a smaller evaluation set
+        rounded up to the device count."""
+        return eval_batch_size_for(self.config.eval_batch_size, len(self.eval), self.parallel.num_devices)
 
     def _positions(self, batch_size: int) -> _Positions:
         return _Positions(batch_size, jax.process_index(), jax.process_count())
@@ -508,7 +518,7 @@ class StreamedData:
         batches, so that a batch holds one canvas shape per scale and at most
         len(MULTI_SCALE_BUCKETS) shapes are compiled. Reads every image's size first (an
         image folder's file headers; a TFDS record is decoded)."""
-        grain, batch = _grain(), self.config.eval_batch_size
+        grain, batch = _grain(), self.eval_batch_size
         sizes = grain.MapDataset.range(len(self.eval)).map(
             _RecordBucket(self.eval, self.settings.skip_unreadable))
         host = HostBatches(sizes, 256, self.pipeline)
@@ -524,18 +534,46 @@ class StreamedData:
             buckets.append(np.full(len(members) + padding, bucket))
         return np.concatenate(records), np.concatenate(buckets)
 
-    def eval_batches(self, mode: str) -> contextlib.AbstractContextManager[Iterator[StreamedBatch]]:
-        """The inputs of the eval steps: every evaluation record once, as `mode` views
-        (`scoring.MODES`), in order (multi-scale: in order within each canvas bucket,
-        `multi_scale_plan`); padding masked."""
-        grain, c = _grain(), self.config
-        share = c.eval_batch_size // jax.process_count()
+    def eval_batch_like(self, mode: str) -> StreamedBatch | None:
+        """An eval step's input in `mode` as shapes and shardings, to compile the step
+        before any data is read; None for multi-scale, whose canvases vary by batch."""
+        if mode == "multi_scale":
+            return None
+        blank = _EvalExample(self.eval, np.zeros(0, np.int64), self.settings, mode, _Positions(1, 0, 1))(0)
+        batch = {key: jax.ShapeDtypeStruct((self.eval_batch_size, *np.shape(value)), np.asarray(value).dtype,
+                                           sharding=self.parallel.batch)
+                 for key, value in blank.items()}
+        return StreamedBatch(batch, self.normalization)
+
+    @contextlib.contextmanager
+    def eval_passes(self, mode: str) -> Iterator[Callable[[], Iterator[StreamedBatch]]]:
+        """`one_pass()` -> the inputs of one evaluation: every evaluation record once, as
+        `mode` views (`scoring.MODES`), in order (multi-scale: in order within each canvas
+        bucket, `multi_scale_plan`); padding masked. Each pass must be used up before the
+        next. The worker processes start at the first pass and serve every later one (the
+        batches repeat, each pass takes exactly its own) until the context closes."""
+        grain, batch_size = _grain(), self.eval_batch_size
+        share = batch_size // jax.process_count()
         if mode == "multi_scale":
             records, buckets = self.multi_scale_plan()
         else:
             records, buckets = np.arange(len(self.eval)), None
-        num_batches = -(-len(records) // c.eval_batch_size)
+        num_batches = -(-len(records) // batch_size)
         dataset = grain.MapDataset.range(num_batches * share).map(_EvalExample(
-            self.eval, records, self.settings, mode, self._positions(c.eval_batch_size), buckets))
+            self.eval, records, self.settings, mode, self._positions(batch_size), buckets))
         self._check_shared_memory(dataset, f"{mode} evaluation")
-        return self._batches(dataset, c.eval_batch_size)
+        host = None
+
+        def one_pass() -> Iterator[StreamedBatch]:
+            nonlocal host
+            if host is None:  # the examples repeat: a pass is the next num_batches batches
+                host = HostBatches(dataset.repeat(), share, self.pipeline)
+            batches = _on_devices(itertools.islice(host, num_batches), self.parallel,
+                                  self.config.dataset.prefetch_batches)
+            return (StreamedBatch(batch, self.normalization) for batch in batches)
+
+        try:
+            yield one_pass
+        finally:
+            if host is not None:
+                host.close()
