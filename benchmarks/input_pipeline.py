@@ -1,22 +1,34 @@
-"""Throughput of the streamed input pipeline alone (no device): decode + augment on the host.
+"""Throughput and memory of the streamed input pipeline alone (no device): decode + augment
+on the host, batched per host.
 
-    python benchmarks/input_pipeline.py [--images 256] [--workers 1 2] [--augment scale_crop_flip]
+    python benchmarks/input_pipeline.py [--workers 1 2] [--batch 1024] [--batches 2]
+                                        [--augment scale_crop_flip]
 
 Writes a folder of JPEGs of ImageNet's typical size (500x375, quality 90, smooth content
-like photographs rather than noise), then times `StreamedData.train_dataset` (the
-training pipeline of `configs/imagenet.py:resnet50`: decode with pillow, shorter side in
-[256, 480], random 224 crop, flip, PCA lighting) through Grain with each worker count.
-Prints images/s and images/s per worker process (per core, when each worker has one).
+like photographs rather than noise), then takes batches of `StreamedData.train_dataset`
+(the training pipeline of `configs/imagenet.py:resnet50`: decode with pillow, shorter
+side in [256, 480], random 224 crop, flip, PCA lighting) through `HostBatches` with each
+worker count and the config's read threads and buffers. After one warm-up batch (workers
+started, buffers filled) it times `--batches` batches and prints images/s, images/s per
+worker process (per core, when each worker has one), the bound on examples decoded ahead
+(`PipelineOptions.examples_ahead`) and the peak memory of the whole process tree (the
+measuring process, a fresh one per worker count, and its workers) while streaming,
+sampled every 50 ms from /proc: the sum of
+resident sets (RSS, which counts pages shared between the processes, such as libraries
+and /dev/shm blocks, once per process) and of proportional sets (PSS, shared pages split
+between their processes: the tree's real footprint). Linux only.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import multiprocessing
 import os
 import platform
 import tempfile
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +52,64 @@ def write_jpegs(root: Path, count: int, classes: int = 4, shape: tuple[int, int]
     return root
 
 
-def measure(data_dir: Path, workers: int, images: int, augment: str, batch: int = 32) -> float:
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants, from each process's parent in /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name, in parentheses, may hold spaces
+            children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    return tree
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over `root`'s process tree (/proc/PID/smaps_rollup)."""
+    rss = pss = 0
+    for pid in process_tree(root):
+        try:
+            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024
+                  for line in lines[1:] if line.endswith("kB")}
+        rss, pss = rss + fields.get("Rss", 0), pss + fields.get("Pss", 0)
+    return rss, pss
+
+
+class PeakMemory:
+    """Samples `tree_memory` of this process's tree every `interval` s in a thread; `peak`
+    holds the largest (RSS, PSS) seen, each on its own."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak = interval, (0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            rss, pss = tree_memory(os.getpid())
+            self.peak = (max(self.peak[0], rss), max(self.peak[1], pss))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(data_dir: Path, workers: int, batch: int, batches: int, augment: str) -> dict:
     from resnet_jax.config import imagenet_recipe
     from resnet_jax.data.stream import HostBatches, StreamedData
     from resnet_jax.parallel import data_parallel
@@ -50,26 +119,30 @@ def measure(data_dir: Path, workers: int, images: int, augment: str, batch: int 
     config.dataset.augment = augment
     config.dataset.num_workers = workers
     config.batch_size = batch
-    steps = images // batch
-    config.num_train_steps = 2 * steps + 1000
+    config.num_train_steps = batches + 1
     data = StreamedData(config, data_parallel(), ("train",))
-    host = HostBatches(data.train_dataset(0), workers)
-    try:
-        for _ in range(steps):  # warm-up: start the workers, fill their buffers
-            next(host)
-        start = time.perf_counter()
-        for _ in itertools.islice(host, steps):
-            pass
-        return steps * batch / (time.perf_counter() - start)
-    finally:
-        host.close()
+    before = tree_memory(os.getpid())
+    with PeakMemory() as memory:
+        host = HostBatches(data.train_dataset(0), batch, data.pipeline)
+        try:
+            next(host)  # warm-up: start the workers, fill their buffers
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(host)
+            seconds = time.perf_counter() - start
+        finally:
+            host.close()
+    return dict(rate=batches * batch / seconds, ahead=data.pipeline.examples_ahead, before=before,
+                peak=memory.peak)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256, help="timed images per worker count")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="worker processes (0: decode in this process, by threads)")
+    parser.add_argument("--batch", type=int, default=1024, help="examples a batch")
+    parser.add_argument("--batches", type=int, default=2, help="timed batches per worker count")
     parser.add_argument("--augment", default="scale_crop_flip",
                         choices=("scale_crop_flip", "random_resized_crop"))
     args = parser.parse_args()
@@ -77,15 +150,22 @@ def main() -> None:
     import jax
     import PIL
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    print(f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPUs; "
           f"python {platform.python_version()}, jax {jax.__version__}, grain {grain.__version__}, "
-          f"pillow {PIL.__version__}")
+          f"pillow {PIL.__version__}; batch {args.batch}, {args.augment}, 500x375 JPEG -> 224")
+    print("| workers | images/s | images/s per worker | examples ahead (bound) | "
+          "tree RSS before | peak tree RSS | peak tree PSS |")
+    print("|---|---|---|---|---|---|---|")
+    mb = 1e6
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_jpegs(Path(tmp), 512)
         for workers in args.workers:
-            rate = measure(data_dir, workers, args.images, args.augment)
-            print(f"{args.augment}, 500x375 JPEG -> 224: {workers} worker(s): {rate:.0f} images/s, "
-                  f"{rate / workers:.0f} images/s per worker", flush=True)
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+                m = fresh.submit(measure, data_dir, workers, args.batch, args.batches, args.augment).result()
+            per_worker = f"{m['rate'] / workers:.0f}" if workers else "-"
+            print(f"| {workers} | {m['rate']:.0f} | {per_worker} | {m['ahead']} | "
+                  f"{m['before'][0] / mb:.0f} MB | {m['peak'][0] / mb:.0f} MB | {m['peak'][1] / mb:.0f} MB |",
+                  flush=True)
 
 
 if __name__ == "__main__":

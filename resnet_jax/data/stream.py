@@ -324,7 +324,7 @@ class PipelineOptions:
     def examples_in_shared_memory(self) -> int:
         """Most examples in /dev/shm at once: per worker, one being queued, `worker_buffer`
         in its queue, `worker_buffer` in this process's buffer for it and one on its way
-        there; and the consumed ones whose unlinking is pending. None without workers."""
+        there; and the consumed ones whose unlinking is pending. 0 without workers."""
         return self.workers * (2 * self.worker_buffer + 2) + _PENDING_SHM_UNLINKS if self.workers else 0
 
     @property
