@@ -165,16 +165,17 @@ def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
 
 
 def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_remedies(folder, monkeypatch):
-    options = stream.PipelineOptions.of(small_config(folder, num_workers=2))
+    sizes = dict(num_workers=2, image_size=38, scale_range=(40, 44), eval_resize=40)
+    options = stream.PipelineOptions.of(small_config(folder, **sizes))
     assert options.examples_in_shared_memory == 2 * (2 * 4 + 2) + 50  # the defaults' worker buffers of 4
-    # A 16x16 crop (768 bytes) and its lighting offset take a page each.
+    # A 38x38 crop (4,332 bytes) takes two pages; the lighting offset travels pickled.
     need = options.examples_in_shared_memory * 2 * 4096
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need // 2)
     with pytest.raises(DataError, match=r"/dev/shm has 0.3 MiB free, but the training pipeline needs up to "
                                         r"0.5 MiB there: 70 examples in flight .* of 8192 bytes.*--shm-size"):
-        stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train",))
+        stream.StreamedData(small_config(folder, **sizes), data_parallel(), ("train",))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
-    example = {"image": np.zeros((16, 16, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
+    example = {"image": np.zeros((38, 38, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
     stream.check_shared_memory(options, example, "x")
     in_process = stream.PipelineOptions.of(small_config(folder, num_workers=0))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: 0)

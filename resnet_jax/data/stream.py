@@ -282,7 +282,9 @@ _LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_
 # thread, with up to this many unlinks pending (`SharedMemoryArray.enable_async_del`'s
 # default): blocks already copied into a batch that may still occupy /dev/shm.
 _PENDING_SHM_UNLINKS = 50
-_PAGE = 4096  # a shared-memory block takes whole pages
+# A shared-memory block takes whole pages and a file: arrays smaller than a page (labels,
+# lighting offsets, multi-scale sizes) travel pickled instead (Grain's `min_shm_size`).
+_PAGE = 4096
 
 
 def auto_workers() -> int:
@@ -341,9 +343,10 @@ class PipelineOptions:
 
 
 def shared_memory_bytes(example: Any) -> int:
-    """The /dev/shm an example takes between processes: each numpy array its own block."""
+    """The /dev/shm an example takes between processes: each numpy array of a page or more
+    its own block of whole pages."""
     return sum(-(-leaf.nbytes // _PAGE) * _PAGE for leaf in jax.tree_util.tree_leaves(example)
-               if isinstance(leaf, np.ndarray) and leaf.nbytes)
+               if isinstance(leaf, np.ndarray) and leaf.nbytes >= _PAGE)
 
 
 def _free_shared_memory(path: str = "/dev/shm") -> int | None:
@@ -393,6 +396,8 @@ class HostBatches:
             # parsed; train.py and evaluate.py parse their own flags with argparse.
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
+            iter_dataset = grain.experimental.WithOptionsIterDataset(
+                iter_dataset, grain.experimental.DatasetOptions(min_shm_size=_PAGE))
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=options.workers, per_worker_buffer_size=options.worker_buffer))
         self._examples = iter(iter_dataset)
