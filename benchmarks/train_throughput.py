@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py --model=resnet20 --batch_size=128 --steps=10 \
         [--dtype=float32|bfloat16] [--image_size=32] [--steps_per_dispatch=1] [--conv=auto|xla] \
-        [--keep_freed_memory=true|false]
+        [--keep_freed_memory=true|false] [--compilation_cache_dir=DIR]
 
 What is timed is `resnet_jax.train.make_train_step`, the step `train.py` runs: gather a
 batch from a split held on the devices, normalise, pad-crop-flip, forward, backward, SGD
@@ -14,6 +14,8 @@ input, which a convolutional net's parameter shapes do not depend on). `--conv` 
 config's `model.conv` (the convolution path on the CPU backend; ignored elsewhere). As in
 `train.py`, on the CPU the host allocator keeps freed memory (`resnet_jax.cpu.allocator`)
 unless `--keep_freed_memory=false`, which measures what that is worth.
+`--compilation_cache_dir` is the config key of that name (default "": off, so that
+`compile_s` is a compilation; `benchmarks/startup.py` times start-up with it on).
 
 Printed last, one JSON line:
 - `compile_s`: tracing and XLA compilation of the step, no execution;
@@ -43,7 +45,7 @@ import time
 import jax
 import numpy as np
 
-from resnet_jax import backend
+from resnet_jax import backend, compile_cache
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs
 from resnet_jax.data import memory
@@ -75,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
                    help="on the CPU, resnet_jax.cpu.allocator.keep_freed_memory() first, as train.py does")
+    p.add_argument("--compilation_cache_dir", default="",
+                   help="the config key: JAX's persistent compilation cache (default '': off)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.steps % args.steps_per_dispatch:
         p.error(f"--steps={args.steps} must be a positive multiple of --steps_per_dispatch")
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.keep_freed_memory == "true":
         backend.keep_freed_memory_on_cpu()  # as train.py does, before JAX starts its threads
+    compile_cache.enable(args.compilation_cache_dir)
     print(json.dumps(measure(args)), flush=True)
 
 

@@ -157,6 +157,9 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
     config.keep_checkpoints = Logistics(3)
     config.seed = 0
     config.tensorboard = Logistics(True)
+    # Where compiled steps are kept across processes (resnet_jax/compile_cache.py): "auto"
+    # is a per-user cache, "" turns it off, anything else is the directory.
+    config.compilation_cache_dir = Logistics("auto")
     return config
 
 

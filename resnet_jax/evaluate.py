@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from resnet_jax import checkpoint, scoring
+from resnet_jax import checkpoint, compile_cache, scoring
 from resnet_jax.config import ConfigError, check_evaluation
 from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS
 from resnet_jax.data.sources import SPLITS
@@ -42,6 +42,7 @@ def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", spl
                           f"{', '.join(scoring.AVERAGES)}")
     workdir = Path(workdir)
     config = checkpoint.read_config(workdir)
+    compile_cache.enable(config.compilation_cache_dir)  # the run's own setting, before anything compiles
     streamed = config.dataset.name in STREAMED_DATASETS
     if mode != "center" and not streamed:
         raise ConfigError(

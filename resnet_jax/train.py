@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import backend, checkpoint, schedules, scoring
+from resnet_jax import backend, checkpoint, compile_cache, schedules, scoring
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs, count_params
 from resnet_jax.data import memory, stream
@@ -404,6 +404,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
                         preemption: PreemptionWatcher) -> dict[str, float]:
     parallel = data_parallel()
     config_lib.validate(config, parallel.num_devices)
+    compile_cache.enable(config.compilation_cache_dir)  # before anything compiles
     inputs = open_inputs(config, parallel, ("train", "eval"))
     config = with_dataset_classes(config, inputs.num_classes)
 

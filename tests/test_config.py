@@ -278,6 +278,7 @@ def test_the_fingerprint_and_the_resume_check_leave_out_exactly_the_keys_marked_
         "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints", "tensorboard",
         "eval_batch_size", "dataset.data_dir", "dataset.num_workers", "dataset.prefetch_batches",
         "dataset.read_threads", "dataset.read_buffer_size", "dataset.worker_buffer_size",
+        "compilation_cache_dir",
         "model.conv",  # the CPU's convolution path: the same results to float rounding on each
     }
     base = cifar_recipe("resnet20")

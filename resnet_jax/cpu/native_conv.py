@@ -120,7 +120,8 @@ def library() -> pathlib.Path | None:
 
 
 def cache_dir() -> pathlib.Path:
-    """Where the built kernels (and `conv_choice`'s measurements) are kept."""
+    """Where the built kernels (and `conv_choice`'s measurements, and by default
+    `compile_cache`'s compiled programs) are kept."""
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "resnet_jax"
 
 
