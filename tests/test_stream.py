@@ -182,6 +182,21 @@ def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_r
     stream.check_shared_memory(in_process, example, "x")  # no workers: no shared memory
 
 
+def test_an_evaluation_whose_views_do_not_fit_in_shared_memory_is_refused_before_its_workers_start(
+        folder, monkeypatch):
+    data = stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train", "eval"))
+    # Ten 16x16 crops (7,680 bytes) take two pages, as do the two 24x32 canvases of a
+    # multi-scale example (4,608 bytes; its 16x22 ones travel pickled); one 16x16 crop
+    # travels pickled.
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 70 * 8192 - 1)
+    for mode in ("ten_crop", "multi_scale"):
+        refused = rf"{mode} evaluation pipeline needs up to 0.5 MiB .* of 8192 bytes"
+        with pytest.raises(DataError, match=refused), data.eval_passes(mode):
+            pass
+    with data.eval_passes("center"):
+        pass
+
+
 def test_automatic_workers_share_this_process_cpus_among_the_hosts_training_processes(monkeypatch):
     monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     for name in (*stream._LOCAL_SIZE_VARIABLES, "SLURM_CPUS_PER_TASK"):

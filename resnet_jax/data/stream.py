@@ -228,7 +228,8 @@ class _EvalExample:
         views, valid = augment.multi_scale_views(image, s.multi_scale_sizes)
         return {"views": tuple(np.ascontiguousarray(v) for v in views), "valid": valid}
 
-    def _blank(self, position: int) -> dict:
+    def blank(self, position: int) -> dict:
+        """The views of a padding example at global `position` (the shape of a real one)."""
         s = self.settings
         if self.mode == "center":
             return {"views": np.zeros((s.image_size, s.image_size, 3), np.uint8)}
@@ -251,7 +252,7 @@ class _EvalExample:
                 if not self.settings.skip_unreadable:
                     raise
                 _skipped(error, self._counts)
-        return {**self._blank(position), "label": np.int32(0), "mask": np.bool_(False)}
+        return {**self.blank(position), "label": np.int32(0), "mask": np.bool_(False)}
 
 
 class _RecordBucket:
@@ -460,7 +461,8 @@ class StreamedData:
         self.pipeline = PipelineOptions.of(config)
         # The training examples are the largest the normalisation sample and the multi-
         # scale plan pass too; evaluation checks its own views (`eval_passes`).
-        self._check_shared_memory(self.train_dataset(0), "training")
+        if self.pipeline.workers and self.config.num_train_steps:  # decodes one example, here
+            check_shared_memory(self.pipeline, self.train_dataset(0)[0], "training")
         self.normalization = self._normalization()
 
     def _normalization(self) -> Normalization:
@@ -480,10 +482,6 @@ class StreamedData:
         mean, std = augment.normalization_stats(images, self.config.dataset.normalization)
         put = lambda a: jax.make_array_from_process_local_data(self.parallel.replicated, a)  # noqa: E731
         return Normalization(put(mean), put(std))
-
-    def _check_shared_memory(self, dataset, what: str) -> None:
-        if self.pipeline.workers and len(dataset):  # decodes one example, in this process
-            check_shared_memory(self.pipeline, dataset[0], what)
 
     @property
     def eval_batch_size(self) -> int:
@@ -564,9 +562,15 @@ class StreamedData:
         else:
             records, buckets = np.arange(len(self.eval)), None
         num_batches = -(-len(records) // batch_size)
-        dataset = grain.MapDataset.range(num_batches * share).map(_EvalExample(
-            self.eval, records, self.settings, mode, self._positions(batch_size), buckets))
-        self._check_shared_memory(dataset, f"{mode} evaluation")
+        examples = _EvalExample(self.eval, records, self.settings, mode, self._positions(batch_size), buckets)
+        dataset = grain.MapDataset.range(num_batches * share).map(examples)
+        if self.pipeline.workers:
+            # A padding example has the shape of a real one, without reading an image: the
+            # largest is that of the widest canvas bucket (multi-scale), or any.
+            firsts = [0] if buckets is None else np.unique(buckets, return_index=True)[1]
+            largest = max((examples.blank(int(position)) for position in firsts), key=shared_memory_bytes,
+                          default={})
+            check_shared_memory(self.pipeline, largest, f"{mode} evaluation")
         host = None
 
         def one_pass() -> Iterator[StreamedBatch]:
