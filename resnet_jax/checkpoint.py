@@ -9,35 +9,35 @@ metadata, and every restore recomputes and compares them: a damaged checkpoint i
 reported with its path, never loaded. Damaged checkpoints met while resuming are moved
 to `checkpoints_damaged/` (kept for inspection, out of Orbax's way) and the run falls
 back to the newest intact one.
+
+Workdirs are local folders or `gs://` URLs: every path here is an `etils.epath.Path` made
+by `workdir.workdir_path`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from resnet_jax import config as config_lib
 from resnet_jax.parallel import barrier
 from resnet_jax.state import abstract_train_state, build_model
+from resnet_jax.workdir import WorkdirError, workdir_path, write_text_atomically
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
 DIGEST_KEY = "sha256"
-
-
-class WorkdirError(RuntimeError):
-    """A workdir that this run must not use, or that holds no usable checkpoint."""
 
 
 class DamagedCheckpoint(WorkdirError):
@@ -56,7 +56,9 @@ def _saved_fingerprint(saved: dict) -> str | None:
     return config_lib.fingerprint(config_lib.from_dict(saved["config"]))
 
 
-def check_workdir(workdir: Path, config: ml_collections.ConfigDict, allow_config_change: bool) -> None:
+def check_workdir(
+    workdir: str | os.PathLike[str], config: ml_collections.ConfigDict, allow_config_change: bool
+) -> None:
     """Refuse, changing nothing, a workdir that holds a different run.
 
     A different run is a saved `config.json` with another fingerprint, or checkpoints
@@ -64,6 +66,7 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, allow_config
     (say, with more steps); its checkpoints must still fit the new model, which
     `check_compatible` verifies before anything is written.
     """
+    workdir = workdir_path(workdir)
     path = workdir / CONFIG_FILE
     if path.exists():
         saved = json.loads(path.read_text())
@@ -81,10 +84,11 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, allow_config
         )
 
 
-def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict) -> None:
     """Write `config.json`; a different one already there is kept as config.<fingerprint>.json."""
     if jax.process_index() != 0:
         return
+    workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / CONFIG_FILE
     record = _record(config)
@@ -95,13 +99,12 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
         # The same run saved before keys were added is rewritten with them, not set aside.
         if _saved_fingerprint(saved) != record["fingerprint"]:
             path.rename(workdir / f"config.{saved.get('fingerprint', 'unknown')}.json")
-    partial = path.with_suffix(".json.tmp")  # a kill mid-write must not leave half a file
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
+    write_text_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
-def read_config(workdir: Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / CONFIG_FILE
+def read_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
+    workdir = workdir_path(workdir)
+    path = workdir / CONFIG_FILE
     if not path.exists():
         raise WorkdirError(f"{path} not found: {workdir} is not a workdir written by train.py")
     return config_lib.from_dict(json.loads(path.read_text())["config"])
@@ -111,7 +114,7 @@ def _eval_error(metrics: dict) -> float:
     return metrics["eval_error"]
 
 
-def manager(workdir: Path, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir: str | os.PathLike[str], keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     policy = AnyPreservationPolicy([
         LatestN(keep),
         BestN(get_metric_fn=_eval_error, reverse=True, n=1, keep_checkpoints_without_metrics=False),
@@ -124,7 +127,7 @@ def manager(workdir: Path, keep: int = 3, read_only: bool = False) -> ocp.Checkp
         cleanup_tmp_directories=not read_only,
     )
     return ocp.CheckpointManager(
-        Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
+        workdir_path(workdir) / CHECKPOINT_DIR, options=options,
         item_handlers=ocp.StandardCheckpointHandler(),
     )
 
@@ -164,7 +167,7 @@ def _shapes(tree: Any) -> dict[str, tuple]:
 def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
     """Raise, naming the first differing key path with both shapes and dtypes, when the
     checkpoint at `step` does not fit `abstract_state` (another model, classes or dtype)."""
-    path = Path(mngr.directory) / str(step)
+    path = mngr.directory / str(step)
     try:
         stored = _shapes(mngr.item_metadata(step))
         recorded = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
@@ -196,7 +199,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     after `check_compatible` and with every array checked against the hashes recorded when
     it was saved."""
     check_compatible(mngr, step, abstract_state)  # also: the hashes are there
-    path = Path(mngr.directory) / str(step)
+    path = mngr.directory / str(step)
     try:
         recorded = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
@@ -212,10 +215,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     return state
 
 
-def restore_latest_intact(workdir: Path, mngr: ocp.CheckpointManager, abstract_state: Any):
+def restore_latest_intact(workdir: str | os.PathLike[str], mngr: ocp.CheckpointManager, abstract_state: Any):
     """(step, state) of the newest checkpoint that restores intact, or (None, None) if there
     are none. Damaged ones are moved to `checkpoints_damaged/` with a warning; if all are
     damaged the run stops rather than start again from scratch over them."""
+    workdir = workdir_path(workdir)
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
         try:
@@ -223,8 +227,7 @@ def restore_latest_intact(workdir: Path, mngr: ocp.CheckpointManager, abstract_s
         except DamagedCheckpoint as error:
             print(f"warning: {error}; moved to {DAMAGED_DIR}/, trying an older one", file=sys.stderr)
             if jax.process_index() == 0:
-                (workdir / DAMAGED_DIR).mkdir(exist_ok=True)
-                shutil.move(str(Path(mngr.directory) / str(step)), workdir / DAMAGED_DIR / str(step))
+                _set_aside(mngr.directory / str(step), workdir / DAMAGED_DIR)
             barrier(f"set aside damaged checkpoint {step}")  # no process looks before it moved
             mngr.reload()
     if steps:
@@ -233,6 +236,17 @@ def restore_latest_intact(workdir: Path, mngr: ocp.CheckpointManager, abstract_s
             "nothing intact to resume from"
         )
     return None, None
+
+
+def _set_aside(step_dir: epath.Path, damaged_dir: epath.Path) -> None:
+    """Move a damaged step's folder into `damaged_dir`, under a name not taken there yet
+    (the same step can be saved, and damaged, again after the run fell back)."""
+    damaged_dir.mkdir(parents=True, exist_ok=True)
+    target, copies = damaged_dir / step_dir.name, 1
+    while target.exists():
+        copies += 1
+        target = damaged_dir / f"{step_dir.name}.{copies}"
+    step_dir.rename(target)  # on object storage a copy of each file, then their deletion
 
 
 def resolve_step(mngr: ocp.CheckpointManager, step: str | int | None) -> int:
@@ -256,14 +270,14 @@ def resolve_step(mngr: ocp.CheckpointManager, step: str | int | None) -> int:
     return wanted
 
 
-def load(workdir: str | Path, step: str | int | None = None):
+def load(workdir: str | os.PathLike[str], step: str | int | None = None):
     """(model, variables, config) of a run, for notebooks and scripts.
 
     `variables` is {'params', 'batch_stats'} at `step` ("latest" by default, "best", or
     a number), ready for `model.apply(variables, images, train=False)`. A damaged
     checkpoint raises `DamagedCheckpoint` naming its path.
     """
-    workdir = Path(workdir)
+    workdir = workdir_path(workdir)
     config = read_config(workdir)
     model = build_model(config)
     with manager(workdir, read_only=True) as mngr:

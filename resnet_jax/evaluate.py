@@ -14,7 +14,7 @@ as one batch of its own size (rounded up to the device count).
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from resnet_jax import checkpoint, compile_cache, scoring
 from resnet_jax.config import ConfigError, check_evaluation
@@ -22,11 +22,13 @@ from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS
 from resnet_jax.data.sources import SPLITS
 from resnet_jax.parallel import data_parallel
 from resnet_jax.train import eval_metrics, open_inputs, with_dataset_classes
+from resnet_jax.workdir import workdir_path
 
 
-def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", split: str | None = None,
-                     data_dir: str | None = None, mode: str = "center", average: str = "scores",
-                     eval_batch_size: int | None = None, num_workers: int | None = None) -> dict:
+def evaluate_workdir(workdir: str | os.PathLike[str], step: str | int | None = "latest",
+                     split: str | None = None, data_dir: str | None = None, mode: str = "center",
+                     average: str = "scores", eval_batch_size: int | None = None,
+                     num_workers: int | None = None) -> dict:
     """{'step', 'mode', 'error', 'top5_error', 'loss', 'num_examples'} of a checkpoint on a
     split (default: the eval split the run was trained with), scored as `mode` says
     (multi_scale: also 'average', where its softmax and averages happen, `scoring.AVERAGES`).
@@ -40,7 +42,7 @@ def evaluate_workdir(workdir: str | Path, step: str | int | None = "latest", spl
     if average not in scoring.AVERAGES:
         raise ConfigError(f"--multi_scale_average={average!r} is not accepted; expected one of "
                           f"{', '.join(scoring.AVERAGES)}")
-    workdir = Path(workdir)
+    workdir = workdir_path(workdir)
     config = checkpoint.read_config(workdir)
     compile_cache.enable(config.compilation_cache_dir)  # the run's own setting, before anything compiles
     streamed = config.dataset.name in STREAMED_DATASETS
@@ -90,6 +92,6 @@ def with_evaluation_settings(config, eval_batch_size: int | None, num_workers: i
                           f"num_workers={config.dataset.num_workers})") from None
 
 
-def checkpoint_step(workdir: Path, step: str | int | None) -> int:
+def checkpoint_step(workdir: os.PathLike[str], step: str | int | None) -> int:
     with checkpoint.manager(workdir, read_only=True) as mngr:
         return checkpoint.resolve_step(mngr, step)

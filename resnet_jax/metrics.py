@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
-from pathlib import Path
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.workdir import is_object_storage, workdir_path
+
 METRICS_FILE = "metrics.jsonl"
+# Object storage cannot append: metrics.jsonl is uploaded whole, at most this often (and
+# before each checkpoint and at the end), so that a long run does not upload a growing
+# file at every log line.
+UPLOAD_EVERY_SECONDS = 60.0
 
 
 def classification_metrics(
@@ -43,11 +50,22 @@ def _step_of(line: str) -> int | None:
 
 class MetricWriter:
     """Appends one JSON object per line to `workdir/metrics.jsonl` and mirrors scalars to
-    TensorBoard when tensorboardX is installed and wanted."""
+    TensorBoard when tensorboardX is installed and wanted.
 
-    def __init__(self, workdir: Path, tensorboard: bool):
+    On object storage, where nothing can be appended to, the file's lines are kept here and
+    the whole file (and TensorBoard's) is uploaded again: at most every
+    `UPLOAD_EVERY_SECONDS`, and at every `flush()` (before each checkpoint, so that a
+    resumed run finds every line up to its step, and at the end).
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], tensorboard: bool):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / METRICS_FILE
+        workdir = workdir_path(workdir)
+        self.path = workdir / METRICS_FILE
+        # Object storage: every line of the file, and whether some are not uploaded yet.
+        self.lines: list[str] | None = None
+        self.pending = False
+        self.uploaded_at = time.monotonic()
         self.summary = None
         if self.enabled and tensorboard:
             try:
@@ -55,32 +73,59 @@ class MetricWriter:
             except ImportError:
                 print("note: TensorBoard events not written (pip install tensorboardX)", file=sys.stderr)
             else:
-                self.summary = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                # tensorboardX writes gs:// itself (with google-cloud-storage, which gcsfs brings).
+                self.summary = SummaryWriter(os.fspath(workdir / "tensorboard"))
+
+    def _stored_lines(self) -> list[str]:
+        return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
 
     def drop_after(self, step: int) -> None:
         """Forget lines past `step` (and a last line cut short by a kill): the resumed run
         writes them again, identically."""
-        if not (self.enabled and self.path.exists()):
+        if not self.enabled:
             return
-        lines = self.path.read_text().splitlines(keepends=True)
+        lines = self._stored_lines()
         kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if is_object_storage(self.path):
+            self.lines = kept
         if len(kept) != len(lines):
             self.path.write_text("".join(kept))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        line = json.dumps({"step": step, **values}) + "\n"
         if self.summary is not None:
             for name, value in values.items():
                 self.summary.add_scalar(name, value, step)
-            self.summary.flush()
+        if not is_object_storage(self.path):
+            with self.path.open("a") as f:
+                f.write(line)
+            if self.summary is not None:
+                self.summary.flush()
+            return
+        if self.lines is None:  # no drop_after before: continue the file as it is
+            self.lines = self._stored_lines()
+        self.lines.append(line)
+        self.pending = True
+        if time.monotonic() - self.uploaded_at >= UPLOAD_EVERY_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store every line written so far (on a local disk each line already is)."""
+        if not self.pending:
+            return
+        self.path.write_text("".join(self.lines))  # one upload: never half a file
+        if self.summary is not None:
+            self.summary.flush()  # tensorboardX too uploads its whole event file each time
+        self.pending = False
+        self.uploaded_at = time.monotonic()
 
     def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.flush()
         if self.summary is not None:
             self.summary.close()
 

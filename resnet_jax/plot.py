@@ -4,7 +4,8 @@ the style of the paper's Figure 6.
 Each run is one colour: its training error a thin line, its eval error a bold line with a
 dot at each evaluation, in percent against iterations. Runs are read from their
 `metrics.jsonl`; labels default to the `model.name` of the run's `config.json` (as
-`resnet_jax.checkpoint` writes it).
+`resnet_jax.checkpoint` writes it). Run directories and the image may be local paths or
+gs:// URLs (see `resnet_jax.workdir`).
 
 matplotlib is imported only when a figure is drawn, so that `import resnet_jax.plot` (and
 reading metrics) works without it; install it with `pip install -e .[plot]`.
@@ -15,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from etils import epath
+
+from resnet_jax.workdir import WorkdirError, workdir_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -46,13 +51,20 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def read_metrics(run_dir: str | Path) -> dict[str, Curve]:
+def _path(text: str | os.PathLike[str]) -> epath.Path:
+    try:
+        return workdir_path(text)
+    except WorkdirError as error:
+        raise MetricsError(str(error)) from None
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Curve]:
     """Every numeric metric of `run_dir/metrics.jsonl` as {name: [(step, value), ...]}.
 
     Each curve is sorted by step. A step logged more than once (a run resumed from an
     earlier checkpoint logs its steps again) keeps its last value.
     """
-    run_dir = Path(run_dir)
+    run_dir = _path(run_dir)
     if not run_dir.is_dir():
         raise MetricsError(f"{run_dir}: no such run directory")
     path = run_dir / METRICS_FILE
@@ -78,7 +90,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, Curve]:
     return {name: sorted(by_step.items()) for name, by_step in latest.items()}
 
 
-def _model_name(run_dir: Path) -> str | None:
+def _model_name(run_dir: epath.Path) -> str | None:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
@@ -93,10 +105,11 @@ def _model_name(run_dir: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
+def run_labels(run_dirs: Sequence[str | os.PathLike[str]]) -> list[str]:
     """Each run's model name, or its directory name where it has none or shares it."""
-    basenames = [Path(run_dir).resolve().name for run_dir in run_dirs]
-    labels = [_model_name(Path(run_dir)) or base for run_dir, base in zip(run_dirs, basenames, strict=True)]
+    paths = [_path(run_dir) for run_dir in run_dirs]
+    basenames = [path.name for path in paths]
+    labels = [_model_name(path) or base for path, base in zip(paths, basenames, strict=True)]
     # Two runs of one model (seeds, shortcut options) would be indistinguishable by name.
     counts = Counter(labels)
     return [base if counts[label] > 1 else label for label, base in zip(labels, basenames, strict=True)]
@@ -115,7 +128,9 @@ def _percent(curve: Curve) -> tuple[list[int], list[float]]:
     return [step for step, _ in curve], [100 * value for _, value in curve]
 
 
-def draw_runs(ax: Axes, run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None) -> None:
+def draw_runs(
+    ax: Axes, run_dirs: Sequence[str | os.PathLike[str]], labels: Sequence[str] | None = None
+) -> None:
     """Draw each run's training (thin) and eval (bold) error on `ax`, with a legend.
 
     `labels` defaults to `run_labels(run_dirs)`. Reused by figures with several panels.
@@ -129,7 +144,7 @@ def draw_runs(ax: Axes, run_dirs: Sequence[str | Path], labels: Sequence[str] | 
     for run_dir, label, color in zip(run_dirs, labels, _run_colors(len(run_dirs)), strict=True):
         metrics = read_metrics(run_dir)
         if "train_error" not in metrics and "eval_error" not in metrics:
-            raise MetricsError(f"{Path(run_dir) / METRICS_FILE}: no train_error or eval_error to plot")
+            raise MetricsError(f"{_path(run_dir) / METRICS_FILE}: no train_error or eval_error to plot")
         if "train_error" in metrics:
             train = metrics["train_error"]
             # A curve of one point has no line to draw: a marker shows it.
@@ -153,12 +168,12 @@ def draw_runs(ax: Axes, run_dirs: Sequence[str | Path], labels: Sequence[str] | 
 
 
 def plot_curves(
-    run_dirs: Sequence[str | Path],
-    out: str | Path,
+    run_dirs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
     labels: Sequence[str] | None = None,
     title: str | None = None,
     ylim: tuple[float, float] | None = None,
-) -> Path:
+) -> epath.Path:
     """Draw the runs' error curves (see `draw_runs`) into the image file `out`; return its path."""
     figure = new_figure((7, 4.5))
     ax = figure.add_subplot()
@@ -184,11 +199,12 @@ def new_figure(size: tuple[float, float]) -> Figure:
     return figure
 
 
-def save_figure(figure: Figure, out: str | Path) -> Path:
+def save_figure(figure: Figure, out: str | os.PathLike[str]) -> epath.Path:
     """Write `figure` to the image file `out` (its suffix picks the format); return its path."""
-    out = Path(out)
+    out = _path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=150)
+    with out.open("wb") as file:  # one upload on object storage
+        figure.savefig(file, format=out.suffix.lstrip(".") or None, dpi=150)
     return out
 
 
@@ -208,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Training (thin) and eval (bold) error against iterations, as in the paper's Figure 6.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=f"a directory with {METRICS_FILE}")
-    parser.add_argument("--out", required=True, type=Path, help="image to write; its suffix picks the format")
+    parser.add_argument("--out", required=True, help="image to write; its suffix picks the format")
     parser.add_argument("--title", help="title above the plot")
     parser.add_argument("--labels", help="comma-separated legend labels, one per RUN_DIR")
     parser.add_argument("--ylim", type=_ylim, metavar="LOW,HIGH", help="y range in percent, e.g. 0,60")

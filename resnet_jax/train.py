@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from resnet_jax import backend, checkpoint, compile_cache, schedules, scoring
 from resnet_jax import config as config_lib
@@ -40,6 +41,7 @@ from resnet_jax.models import ResNet
 from resnet_jax.parallel import Parallel, barrier, data_parallel, eval_batch_size_for
 from resnet_jax.preemption import PreemptionWatcher
 from resnet_jax.state import TrainState, abstract_train_state, build_model, init_state, input_shape
+from resnet_jax.workdir import workdir_path
 
 # What a step of each kind of data receives as `inputs`.
 TrainInputs = memory.DeviceData | stream.StreamedBatch
@@ -359,7 +361,9 @@ def _training_values(fetched: list[dict], config: ml_collections.ConfigDict) -> 
     }
 
 
-def _restore_or_init(config, model, workdir: Path, parallel: Parallel, init_key, allow_config_change: bool):
+def _restore_or_init(
+    config, model, workdir: epath.Path, parallel: Parallel, init_key, allow_config_change: bool
+):
     """(start step, state): the newest intact checkpoint's, or a fresh initialisation.
 
     Everything that could refuse the workdir runs before anything is written to it.
@@ -386,7 +390,7 @@ def _restore_or_init(config, model, workdir: Path, parallel: Parallel, init_key,
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, allow_config_change: bool = False
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *, allow_config_change: bool = False
 ) -> dict[str, float]:
     """Train as `config` says, evaluating and checkpointing into `workdir`; resume from the
     newest intact checkpoint there. Returns the last evaluation (eval_loss, eval_error,
@@ -395,12 +399,14 @@ def train_and_evaluate(
 
     `allow_config_change` lets a workdir of a different config be continued (its old
     config.json is kept beside the new one); its checkpoints must fit the new model.
+    `workdir` is a local path or a gs:// URL (see `resnet_jax.workdir`).
     """
+    workdir = workdir_path(workdir)  # refuses a workdir it cannot reach before anything runs
     with PreemptionWatcher() as preemption:
-        return _train_and_evaluate(config, Path(workdir), allow_config_change, preemption)
+        return _train_and_evaluate(config, workdir, allow_config_change, preemption)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool,
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, allow_config_change: bool,
                         preemption: PreemptionWatcher) -> dict[str, float]:
     parallel = data_parallel()
     config_lib.validate(config, parallel.num_devices)
@@ -493,6 +499,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
                 writer.write(step, last_eval)
                 progress.report(step, last_eval)
             if saving:
+                writer.flush()  # the lines up to a checkpoint's step are stored before it is
                 checkpoint.save(mngr, step, state, last_eval if evaluated else None)
             if preempted:
                 mngr.wait_until_finished()

@@ -74,7 +74,7 @@ def start_and_signal(data_dir, workdir, sig, delay):
     )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 120
-    while not (metrics.exists() and metrics.stat().st_size) and process.poll() is None:
+    while not (metrics.exists() and metrics.read_text()) and process.poll() is None:
         assert time.time() < deadline, "train.py made no progress"
         time.sleep(0.05)
     time.sleep(delay)
