@@ -12,17 +12,28 @@ would wait, and a second Ctrl-C could not stop the process; the default handler'
 KeyboardInterrupt, raised as compilation returned, crashed the process. Python's own
 C-level handler writes each signal's number to the wakeup file descriptor the moment it
 arrives (`signal.set_wakeup_fd`); a thread reading it acts then, compilation or not.
+
+Input worker processes (Grain's) get the same signals, since schedulers (SLURM, GCE) signal
+every process of the job and a terminal's Ctrl-C the whole foreground group. They ignore
+them (`ignore_stop_signals`): the trainer decides, and stops them as it closes its
+pipelines; the second Ctrl-C's immediate stop kills them. They are started with the signals
+blocked (`stop_signals_held`), so that none arriving before they ignore them can end them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import jax
-import orbax.checkpoint as ocp
+
+if TYPE_CHECKING:  # input worker processes import this module: they need no Orbax
+    import orbax.checkpoint as ocp
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What a shell reports for a process that Ctrl-C ended: 128 + SIGINT.
@@ -81,8 +92,34 @@ class PreemptionWatcher:
 
 
 def _abort() -> None:
-    """The second Ctrl-C: end the process now. A save in flight never counts (Orbax commits a
-    checkpoint by renaming it into place), so the last finished one is where a rerun resumes."""
+    """The second Ctrl-C: end the process now, and its input workers (they ignore the signal
+    and would outlive it). A save in flight never counts (Orbax commits a checkpoint by
+    renaming it into place), so the last finished one is where a rerun resumes."""
     print("\ninterrupted again: stopped at once; rerun the same command to resume from the last "
           "checkpoint", file=sys.stderr, flush=True)
+    for worker in multiprocessing.active_children():
+        worker.kill()
     os._exit(ABORTED_EXIT_STATUS)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Within: SIGTERM and SIGINT are blocked in the calling thread, and so in the threads and
+    processes it starts (they inherit its signal mask, through fork and exec); they reach the
+    process's other threads as before (the watching thread), so none is lost. Start input
+    workers inside, with `ignore_stop_signals` as their first act. (CPython starts its own
+    resource tracker process this way.)"""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals(*worker) -> None:
+    """An input worker process's first act (Grain's `worker_init_fn`, given the worker's index
+    and count): ignore SIGTERM and SIGINT, then unblock them; any that arrived while they were
+    blocked is dropped."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

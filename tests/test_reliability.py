@@ -1,10 +1,12 @@
 """Dependable runs: kills, preemption, damaged checkpoints, divergence, mismatched workdirs.
 
 The kill and SIGTERM trials run train.py as a user would, in a subprocess, on a tiny
-net and tiny data in the real Fashion-MNIST format, and compare the interrupted-and-
-resumed run with an uninterrupted one bit for bit.
+net and tiny data in the real Fashion-MNIST format (or a tiny streamed image folder, read
+by input worker processes), and compare the interrupted-and-resumed run with an
+uninterrupted one bit for bit.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -12,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import pytest
 from resnet_jax import checkpoint
 from resnet_jax.state import abstract_train_state, build_model
 from resnet_jax.train import TrainingDiverged, train_and_evaluate
-from tests.fake_data import write_graded_fashion_mnist
+from tests.fake_data import write_graded_fashion_mnist, write_image_folder
 from tests.test_train import tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +149,103 @@ def test_sigterm_or_ctrl_c_saves_the_current_step_and_exits_cleanly(sig, trial, 
     out = run_train(data_dir, workdir)
     assert f"resuming at step {step}" in out.stdout
     assert_same_run(workdir, reference, same_log_intervals=step % 2 == 0)
+
+
+# The same run on a streamed image folder, decoded by 2 input worker processes; an evaluation
+# (with its own workers) every 10 steps.
+STREAMED_FLAGS = [
+    "--config=configs/imagenet.py:resnet18", "--config.model.name=resnet8",
+    "--config.dataset.name=image_folder",
+    "--config.dataset.image_size=16", "--config.dataset.scale_range=20,24", "--config.dataset.eval_resize=20",
+    "--config.dataset.num_workers=2", "--config.batch_size=4", "--config.eval_batch_size=8",
+    *FLAGS[2:],
+]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"), seed=0)  # 3 classes x (6 train, 3 val)
+
+
+def streamed_command(folder, workdir):
+    return [sys.executable, "train.py", *STREAMED_FLAGS, f"--config.dataset.data_dir={folder}",
+            f"--workdir={workdir}"]
+
+
+def run_streamed(folder, workdir):
+    out = subprocess.run(streamed_command(folder, workdir), cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def streamed_reference(image_folder, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted_streamed")
+    run_streamed(image_folder, workdir)
+    return workdir, final_state(workdir)
+
+
+def await_group_exit(group: int) -> None:
+    """Wait until no process of the process group `group` is left (the input workers too)."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {group} outlived train.py")
+
+
+@pytest.mark.grain
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_with_input_workers_saves_the_step_and_resumes_exactly(
+        sig, image_folder, streamed_reference, tmp_path):
+    """As a scheduler (SIGTERM) or a terminal (Ctrl-C) signals every process of the job: the
+    input workers survive it, the trainer saves the step it reached and exits 0, and every
+    process of the group is gone. SIGTERM comes again and again during the step-10
+    evaluation, so that it reaches that evaluation's workers as they start and as they work;
+    Ctrl-C once, a while into training."""
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(streamed_command(image_folder, workdir), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout = []
+
+    def read_until(start: str) -> None:
+        for line in process.stdout:  # ends when train.py does, so cannot wait forever
+            stdout.append(line)
+            if line.startswith(start):
+                return
+
+    if sig == signal.SIGTERM:
+        read_until("step 10/40  train_loss")  # the evaluation and its workers start
+        evaluated = threading.Event()
+
+        def keep_signalling():
+            with contextlib.suppress(ProcessLookupError):  # the group ended
+                while not evaluated.wait(0.1):
+                    os.killpg(process.pid, sig)
+
+        signaller = threading.Thread(target=keep_signalling)
+        signaller.start()
+        read_until("step 10/40  eval_loss")  # not later: the trainer restores SIGTERM's default as it ends
+        evaluated.set()
+        signaller.join()
+    else:
+        read_until("step 2/40  train_loss")
+        time.sleep(random.Random(7).uniform(0.0, 1.0))
+        os.killpg(process.pid, sig)
+    rest, stderr = process.communicate(timeout=120)
+    stdout = "".join(stdout) + rest
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    await_group_exit(process.pid)
+    line = next(line for line in stdout.splitlines() if line.startswith("preempted"))
+    step = int(line.split("checkpoint of step ")[1].split(";")[0])
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        assert max(mngr.all_steps()) == step
+    out = run_streamed(image_folder, workdir)
+    assert f"resuming at step {step}" in out.stdout
+    assert_same_run(workdir, streamed_reference, same_log_intervals=step % 2 == 0)
 
 
 def start_and_await_compilation(data_dir, workdir):

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from resnet_jax import preemption
 from resnet_jax.data import augment
 from resnet_jax.data.image_records import open_split
 from resnet_jax.data.sources import DataError
@@ -377,7 +378,8 @@ def check_shared_memory(options: PipelineOptions, example: Any, what: str) -> No
 class HostBatches:
     """Batches of `batch_size` examples (the last one possibly smaller) of a Grain MapDataset
     of single examples, decoded as `options` says, as an iterator of numpy trees; `close()`
-    stops the workers.
+    stops the workers. The workers ignore SIGTERM and SIGINT, which reach every process of
+    the group: this process decides what they mean (`preemption`).
 
     Workers hand over single examples, and each is copied into its batch here as it
     arrives: a worker's buffer holds examples, never batches, and shared memory holds only
@@ -400,8 +402,10 @@ class HostBatches:
             iter_dataset = grain.experimental.WithOptionsIterDataset(
                 iter_dataset, grain.experimental.DatasetOptions(min_shm_size=_PAGE))
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=options.workers, per_worker_buffer_size=options.worker_buffer))
+                num_workers=options.workers, per_worker_buffer_size=options.worker_buffer),
+                worker_init_fn=preemption.ignore_stop_signals)
         self._examples = iter(iter_dataset)
+        self._workers_started = not options.workers
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -410,7 +414,7 @@ class HostBatches:
         batch, treedef = None, None
         for k in range(self.batch_size):
             try:
-                example = next(self._examples)
+                example = self._next_example()
             except StopIteration:
                 if batch is None:
                     raise
@@ -422,6 +426,14 @@ class HostBatches:
             for column, leaf in zip(batch, leaves, strict=True):
                 column[k] = leaf
         return jax.tree_util.tree_unflatten(treedef, batch)
+
+    def _next_example(self):
+        if self._workers_started:
+            return next(self._examples)
+        # Grain starts the workers at the first request, from threads started by this one.
+        with preemption.stop_signals_held():
+            self._workers_started = True
+            return next(self._examples)
 
     def close(self) -> None:
         close = getattr(self._examples, "close", None)
