@@ -1,5 +1,6 @@
 """Several processes through jax.distributed: 2 processes with 2 CPU devices each train
-like 1 process with 4, and their checkpoint evaluates in a single process."""
+like 1 process with 4 (on data on the devices, and streamed, each process reading its
+share), and their checkpoint evaluates in a single process."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from resnet_jax.evaluate import evaluate_workdir
-from tests.fake_data import write_graded_fashion_mnist
+from tests.fake_data import write_graded_fashion_mnist, write_image_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [
@@ -81,3 +82,31 @@ def test_two_processes_train_like_one_and_their_checkpoint_evaluates_in_one(data
     assert result["step"] == 12 and result["num_examples"] == 70
     assert result["error"] == pytest.approx(final_eval["eval_error"], abs=0.02)
     assert result["loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.grain
+def test_two_processes_train_on_a_streamed_image_folder_like_one(tmp_path):
+    folder = write_image_folder(tmp_path / "images", seed=0)  # 3 classes x (6 train, 3 val)
+    common = [
+        "train.py", "--config=configs/imagenet.py:resnet18", "--config.model.name=resnet8",
+        "--config.dataset.name=image_folder", f"--config.dataset.data_dir={folder}",
+        "--config.dataset.image_size=16", "--config.dataset.scale_range=20,24",
+        "--config.dataset.eval_resize=20", "--config.dataset.num_workers=0", "--config.batch_size=8",
+        "--config.eval_batch_size=8",
+        "--config.num_train_steps=2", "--config.log_every_steps=1", "--config.eval_every_steps=2",
+        "--config.checkpoint_every_steps=2", "--config.tensorboard=false",
+    ]
+    single = tmp_path / "single"
+    finish(launch([*common, f"--workdir={single}"], devices=4))
+    multi = tmp_path / "multi"
+    address = f"127.0.0.1:{free_port()}"
+    processes = [
+        launch([*common, f"--workdir={multi}", f"--coordinator_address={address}", "--num_processes=2",
+                f"--process_id={i}"], devices=2)
+        for i in range(2)
+    ]
+    assert "4 device(s)" in [finish(p) for p in processes][0]
+    single_lines, multi_lines = lines(single), lines(multi)
+    assert [line["step"] for line in multi_lines] == [line["step"] for line in single_lines]
+    assert multi_lines[0]["step"] == 1
+    assert multi_lines[0]["train_loss"] == pytest.approx(single_lines[0]["train_loss"], abs=1e-5)

@@ -109,6 +109,38 @@ def test_processes_read_disjoint_shares_that_make_up_the_global_batch(folder):
             np.testing.assert_array_equal(a, b)
 
 
+class RecordingSource:
+    """A split that notes which records are read."""
+
+    def __init__(self, split):
+        self.split, self.read = split, []
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return self.split[index]
+
+
+def test_in_each_epoch_processes_read_disjoint_shares_of_the_records_that_make_up_the_set(folder):
+    settings = stream._Settings.of(small_config(folder))
+    train = image_records.ImageFolder(folder, "train")
+    n = len(train)  # 18, in batches of 4: epochs end inside batches
+    for epoch in (0, 1, 2):
+        positions = [stream._Positions(4, p, 2) for p in (0, 1)]
+        shares = [stream.epoch_share(settings.seed, n, epoch, at) for at in positions]
+        assert not set(shares[0]) & set(shares[1])
+        assert sorted(np.concatenate(shares).tolist()) == list(range(n))
+        for share, at in zip(shares, positions, strict=True):  # what the pipeline reads is the share
+            source = RecordingSource(train)
+            example = stream._TrainExample(source, settings, at)
+            for local in range(at.locals_before(epoch * n), at.locals_before((epoch + 1) * n)):
+                example(local)
+            assert source.read == share.tolist()
+    assert not np.array_equal(stream.epoch_share(settings.seed, n, 0, positions[0]), shares[0])
+
+
 def test_worker_processes_give_the_same_batches_as_the_main_process(folder):
     in_process = stream.StreamedData(small_config(folder), data_parallel(), ("train",))
     workers = stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train",))

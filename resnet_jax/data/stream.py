@@ -12,7 +12,10 @@ Everything is index-based, so training batch `s` is a pure function of (seed, s)
   permutation `default_rng([seed, 0, epoch])` of the N records, and the example's crop,
   flip and lighting come from `default_rng([seed, 1, g])`;
 - process p of P reads positions [s * B + p * B/P, s * B + (p + 1) * B/P) of batch s:
-  only its own share of each batch, and the global batch is the same for any P.
+  only its own share of each batch, and the global batch is the same for any P;
+- so in each epoch process p reads only its share of the records (`epoch_share`): the
+  shares of the P processes are disjoint and make up the set, drawn afresh each epoch. An
+  unreadable image, when skipped, is replaced by the next one of the share.
 The position to resume from is therefore the step the checkpoint already holds: a
 resumed run gets exactly the batches it would have got, on any number of processes or
 workers. Evaluation reads every record once, in order, the last batch padded and masked;
@@ -152,7 +155,7 @@ def _skipped(error: DataError, counts: collections.Counter) -> None:
           f"in process {os.getpid()}", file=sys.stderr, flush=True)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Positions:
     """Which global positions process `process` of `count` reads: its share of each batch."""
 
@@ -160,32 +163,63 @@ class _Positions:
     process: int
     count: int
 
+    @property
+    def share(self) -> int:
+        return self.batch_size // self.count
+
     def global_position(self, local: int) -> int:
-        share = self.batch_size // self.count
-        return (local // share) * self.batch_size + self.process * share + local % share
+        return (local // self.share) * self.batch_size + self.process * self.share + local % self.share
+
+    def reads(self, positions: np.ndarray) -> np.ndarray:
+        """Which of the global `positions` this process reads (a mask)."""
+        return positions % self.batch_size // self.share == self.process
+
+    def locals_before(self, position: int) -> int:
+        """How many of this process's positions lie below global position `position`."""
+        batch, k = divmod(position, self.batch_size)
+        return batch * self.share + min(max(k - self.process * self.share, 0), self.share)
+
+
+def epoch_order(seed: int, epoch: int, num_records: int) -> np.ndarray:
+    """The order in which training epoch `epoch` reads the records: a permutation of them all."""
+    return np.random.default_rng([seed, 0, epoch]).permutation(num_records)
+
+
+def epoch_share(seed: int, num_records: int, epoch: int, positions: _Positions) -> np.ndarray:
+    """The records process `positions.process` of `positions.count` reads in training epoch
+    `epoch`, in the order it reads them: the epoch's order at the global positions it reads.
+    The processes' shares of an epoch are disjoint and make up the whole set, so each host
+    reads 1/P of the records per epoch; which ones changes with the epoch's permutation."""
+    first = epoch * num_records
+    mine = positions.reads(np.arange(first, first + num_records))
+    return epoch_order(seed, epoch, num_records)[mine]
 
 
 class _TrainExample:
-    """Local position -> {"image", "label", "lighting"}: a pure function of (seed, position)."""
+    """Local position -> {"image", "label", "lighting"}: a pure function of (seed, position),
+    the image one of this process's share of the position's epoch (`epoch_share`)."""
 
     def __init__(self, source, settings: _Settings, positions: _Positions):
         self.source, self.settings, self.positions = source, settings, positions
-        self._epoch, self._order = -1, None
+        self._epoch, self._share, self._first_local = -1, None, 0
         self._counts = collections.Counter()
 
-    def _order_of(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:  # once per epoch per worker: a permutation of N indices
-            self._order = np.random.default_rng([self.settings.seed, 0, epoch]).permutation(len(self.source))
+    def _share_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # once per epoch per worker
+            n = len(self.source)
+            self._share = epoch_share(self.settings.seed, n, epoch, self.positions)
+            self._first_local = self.positions.locals_before(epoch * n)
             self._epoch = epoch
-        return self._order
+        return self._share
 
     def __call__(self, local: int) -> dict:
-        s, n = self.settings, len(self.source)
+        s = self.settings
         position = self.positions.global_position(local)
-        order = self._order_of(position // n)
-        # An unreadable image (when skipping) is replaced by the next one of the epoch's order.
-        for offset in range(n):
-            index = int(order[(position + offset) % n])
+        share = self._share_of(position // len(self.source))
+        k = local - self._first_local  # this position's place in the share
+        # An unreadable image (when skipping) is replaced by the next one of the share.
+        for offset in range(len(share)):
+            index = int(share[(k + offset) % len(share)])
             try:
                 image, label = self.source[index]
                 break
@@ -194,7 +228,8 @@ class _TrainExample:
                     raise
                 _skipped(error, self._counts)
         else:
-            raise DataError(f"no readable image in the training split ({n} tried)")
+            raise DataError(f"no readable image in this process's share of the training split "
+                            f"({len(share)} tried)")
         rng = np.random.default_rng([s.seed, 1, position])
         if s.augment == "scale_crop_flip":
             image = augment.scale_crop_flip(rng, image, s.scale_range, s.image_size)
