@@ -60,6 +60,11 @@ def test_training_on_an_image_folder_saves_the_class_count_and_evaluates_in_ever
     assert center["num_examples"] == 9 and center["step"] == 4
     assert (center["error"], center["top5_error"], center["loss"]) == (
         result["eval_error"], result["eval_top5_error"], result["eval_loss"])
+    # Another eval batch and worker count at evaluation time: the same scores.
+    in_twos = evaluate_workdir(workdir, mode="center", eval_batch_size=2, num_workers=1)
+    assert in_twos["num_examples"] == 9
+    assert (in_twos["error"], in_twos["top5_error"]) == (center["error"], center["top5_error"])
+    np.testing.assert_allclose(in_twos["loss"], center["loss"], rtol=1e-6)
     for mode in ("ten_crop", "multi_scale"):
         scored = evaluate_workdir(workdir, mode=mode)
         assert scored["mode"] == mode and scored["num_examples"] == 9
