@@ -2,6 +2,7 @@
 the runs, reuse of finished runs, shortcuts, layer responses, --jobs, and bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -218,6 +219,20 @@ def test_out_that_is_a_file_is_refused(tmp_path, data_dir, capsys):
     assert command.main(argv("depth", tmp_path / "results", data_dir)) == 2
     assert "is a file; expected a folder" in capsys.readouterr().err
     assert (tmp_path / "results").read_text() == "mine"
+
+
+@pytest.mark.parametrize("out, message", [
+    ("gs:/bucket/results", "two slashes"),
+    # With gcsfs installed a gs:// folder is refused as not local; without, for lack of gcsfs.
+    ("gs://bucket/results", "results go to a local folder|needs gcsfs"),
+])
+def test_out_on_object_storage_is_refused_without_a_local_gs_folder(out, message, tmp_path, data_dir, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(argv("depth", out, data_dir))
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.grain

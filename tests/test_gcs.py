@@ -109,3 +109,32 @@ def test_a_killed_run_resumes_and_evaluates_from_a_gs_workdir(emulator, data_dir
     curves = read_metrics(os.fspath(workdir))
     assert curves["eval_error"] == read_metrics(reference[0])["eval_error"]
     assert not (REPO_ROOT / "gs:").exists()
+
+
+def test_metrics_on_gs_are_uploaded_whole_at_most_once_a_minute_and_before_checkpoints(emulator, monkeypatch):
+    from resnet_jax import metrics
+
+    workdir = workdir_path(f"gs://{BUCKET}/metrics")
+    path = workdir / metrics.METRICS_FILE
+
+    def steps():
+        return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+    with metrics.MetricWriter(workdir, tensorboard=False) as writer:
+        writer.drop_after(0)
+        writer.write(1, {"train_loss": 1.0})
+        assert not path.exists()  # within a minute of the last upload: held back
+        writer.flush()  # as before a checkpoint
+        assert steps() == [1]
+        monkeypatch.setattr(metrics, "UPLOAD_EVERY_SECONDS", 0.0)
+        writer.write(2, {"train_loss": 0.5})  # a minute has passed: uploaded with the line
+        assert steps() == [1, 2]
+        monkeypatch.setattr(metrics, "UPLOAD_EVERY_SECONDS", 3600.0)
+        writer.write(3, {"train_loss": 0.25})
+        assert steps() == [1, 2]
+    assert steps() == [1, 2, 3]  # at the end
+    with metrics.MetricWriter(workdir, tensorboard=False) as resumed:
+        resumed.drop_after(2)  # resuming from step 2's checkpoint
+        assert steps() == [1, 2]
+        resumed.write(3, {"train_loss": 0.3})
+    assert steps() == [1, 2, 3] and "0.3" in path.read_text()

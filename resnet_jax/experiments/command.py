@@ -50,6 +50,7 @@ from resnet_jax.experiments.runs import (
     finish_runs,
 )
 from resnet_jax.plot import MetricsError
+from resnet_jax.workdir import WorkdirError, is_object_storage, workdir_path
 
 DEFAULT_DEPTHS = {"depth": (20, 32, 44, 56, 110), "shortcuts": (32,), "responses": (20, 56, 110)}
 # table2's nets are the paper's four ImageNet nets, on a streamed dataset.
@@ -84,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="--config.KEY=VALUE overrides any key of every run's config, as train.py's do.",
     )
     p.add_argument("experiment", choices=EXPERIMENTS, metavar="NAME", help=", ".join(EXPERIMENTS))
-    p.add_argument("--out", required=True, type=Path, help="results folder; runs go to OUT/runs")
+    p.add_argument("--out", required=True, type=_local_folder, help="results folder; runs go to OUT/runs")
     p.add_argument("--dataset", choices=DATASETS + STREAMED_DATASETS,
                    help=f"default cifar10; table2: {', '.join(STREAMED_DATASETS)} (default imagenet2012)")
     p.add_argument("--depths", type=_depths,
@@ -102,6 +103,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--response_images", type=_positive,
                    help="responses: the first N eval images (default: the whole eval split)")
     return p
+
+
+def _local_folder(text: str) -> Path:
+    """--out: a local folder (the runs' subprocesses write their console logs there as files)."""
+    try:
+        path = workdir_path(text)  # refuses "gs:/x" and other schemes rather than make a local folder
+    except WorkdirError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if is_object_storage(path):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the experiments' results go to a local folder; a single run trains in a "
+            "gs:// workdir with train.py"
+        )
+    return Path(path)
 
 
 def _check_args(args: argparse.Namespace) -> None:
