@@ -2,6 +2,7 @@
 TFDS's mock imagenet2012. Train, checkpoint, resume, and evaluate in the paper's modes."""
 
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from resnet_jax import checkpoint
 from resnet_jax.config import imagenet_recipe
+from resnet_jax.data import stream
 from resnet_jax.evaluate import evaluate_workdir
 from resnet_jax.train import train_and_evaluate
 from tests.fake_data import write_image_folder
@@ -87,6 +89,37 @@ def test_a_run_resumed_mid_epoch_ends_identical_to_an_uninterrupted_one(trained,
     _, resumed, _ = checkpoint.load(workdir)
     _, uninterrupted, _ = checkpoint.load(reference)
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("ends", ["finished", "failed"])
+def test_a_run_evaluates_through_one_eval_pipeline_and_closes_every_pipeline(
+        folder, tmp_path, monkeypatch, ends):
+    pipelines = []
+
+    class Recorded(stream.HostBatches):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.closed = False
+            pipelines.append(self)
+
+        def close(self):
+            super().close()
+            self.closed = True
+
+    monkeypatch.setattr(stream, "HostBatches", Recorded)
+    config = small_config(data_dir=folder, eval_every_steps=1, checkpoint_every_steps=4)
+    config.dataset.num_workers = 1
+    if ends == "failed":  # after the 4 evaluations, with every pipeline open
+        def fail(*args):
+            raise OSError("disk full")
+        monkeypatch.setattr(checkpoint, "save", fail)
+        with pytest.raises(OSError, match="disk full"):
+            train_and_evaluate(config, tmp_path)
+    else:
+        train_and_evaluate(config, tmp_path)
+    assert sum("eval_error" in line for line in metrics_lines(tmp_path)) == 4
+    assert len(pipelines) == 3  # the normalisation sample, training, and one for the 4 evaluations
+    assert all(pipeline.closed for pipeline in pipelines) and not multiprocessing.active_children()
 
 
 def test_evaluation_refuses_data_with_other_classes(trained, tmp_path):
