@@ -65,6 +65,14 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def gather_from_processes(share: np.ndarray) -> np.ndarray:
+    """Every process's `share` (the same shape on each), concatenated in process order, on
+    every process: what each process worked out for its part of a set, put together."""
+    if jax.process_count() == 1:
+        return share
+    return np.asarray(multihost_utils.process_allgather(share, tiled=True))
+
+
 def data_parallel(devices: list | None = None) -> Parallel:
     """A `data` mesh over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else devices

@@ -1,6 +1,7 @@
 """Several processes through jax.distributed: 2 processes with 2 CPU devices each train
 like 1 process with 4 (on data on the devices, and streamed, each process reading its
-share), and their checkpoint evaluates in a single process."""
+share), and their checkpoint evaluates in a single process (and a streamed one in two,
+as in one)."""
 
 import json
 import os
@@ -110,3 +111,13 @@ def test_two_processes_train_on_a_streamed_image_folder_like_one(tmp_path):
     assert [line["step"] for line in multi_lines] == [line["step"] for line in single_lines]
     assert multi_lines[0]["step"] == 1
     assert multi_lines[0]["train_loss"] == pytest.approx(single_lines[0]["train_loss"], abs=1e-5)
+
+    # Multi-scale evaluation: each process reads the image sizes of half the records.
+    evaluate = ["evaluate.py", f"--workdir={multi}", "--mode=multi_scale"]
+    alone = json.loads(finish(launch(evaluate, devices=4)).splitlines()[-1])
+    address = f"127.0.0.1:{free_port()}"
+    together = [launch([*evaluate, f"--coordinator_address={address}", "--num_processes=2",
+                        f"--process_id={i}"], devices=2) for i in range(2)]
+    result = json.loads([finish(p) for p in together][0].splitlines()[-1])
+    assert result["num_examples"] == alone["num_examples"] == 9
+    assert result["error"] == alone["error"] and result["loss"] == pytest.approx(alone["loss"], rel=1e-5)

@@ -45,7 +45,7 @@ from resnet_jax import preemption
 from resnet_jax.data import augment
 from resnet_jax.data.image_records import open_split
 from resnet_jax.data.sources import DataError
-from resnet_jax.parallel import Parallel, eval_batch_size_for
+from resnet_jax.parallel import Parallel, eval_batch_size_for, gather_from_processes
 
 # Training images whose center crops give the normalisation statistics: a seeded sample
 # (ImageNet's mean is known to ~0.1% from 1000 images; the whole set would take an epoch).
@@ -567,15 +567,21 @@ class StreamedData:
         canvas bucket (in order within each), each group padded with records of -1 to whole
         batches, so that a batch holds one canvas shape per scale and at most
         len(MULTI_SCALE_BUCKETS) shapes are compiled. Reads every image's size first (an
-        image folder's file headers; a TFDS record is decoded)."""
-        grain, batch = _grain(), self.eval_batch_size
-        sizes = grain.MapDataset.range(len(self.eval)).map(
+        image folder's file headers; a TFDS record is decoded): each of the P processes
+        those of its block of 1/P of the records, and they exchange what they found."""
+        grain, batch, n = _grain(), self.eval_batch_size, len(self.eval)
+        block = -(-n // jax.process_count())
+        first = min(jax.process_index() * block, n)
+        sizes = grain.MapDataset.range(first, min(first + block, n)).map(
             _RecordBucket(self.eval, self.settings.skip_unreadable))
+        found = np.full(block, -1, np.int32)  # past the end: cut off below
         host = HostBatches(sizes, 256, self.pipeline)
         try:
-            record_buckets = np.concatenate(list(host))
+            for k, part in enumerate(host):
+                found[k * 256:k * 256 + len(part)] = part
         finally:
             host.close()
+        record_buckets = gather_from_processes(found)[:n]
         records, buckets = [], []
         for bucket in range(len(augment.MULTI_SCALE_BUCKETS)):
             members = np.flatnonzero(record_buckets == bucket)
