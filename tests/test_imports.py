@@ -71,7 +71,7 @@ def test_the_models_import_no_cpu_code_data_training_or_checkpoints():
 PARTS = {
     "commands": ("resnet_jax.cli", "resnet_jax.evaluate", "resnet_jax.experiments", "resnet_jax.plot"),
     "training": ("resnet_jax.train", "resnet_jax.metrics", "resnet_jax.scoring", "resnet_jax.preemption"),
-    "checkpoints": ("resnet_jax.checkpoint",),
+    "checkpoints": ("resnet_jax.checkpoint", "resnet_jax.workdir"),
     "run": ("resnet_jax.state", "resnet_jax.config", "resnet_jax.schedules", "resnet_jax.backend"),
     "models": ("resnet_jax.models", "resnet_jax.complexity", "resnet_jax.convert", "resnet_jax.summary"),
     "data": ("resnet_jax.data",),
