@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
         "--config", required=True, help="a config file defining get_config(), and after ':' its argument, "
         "e.g. configs/default.py or configs/cifar.py:resnet110,cifar10"
     )
-    p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go")
+    p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go: "
+                   "a local folder or gs://bucket/path (pip install -e '.[gcs]')")
     p.add_argument(
         "--allow_config_change", action="store_true",
         help="continue a workdir whose saved config differs (e.g. more steps); its config.json is kept",
