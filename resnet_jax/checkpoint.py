@@ -99,7 +99,10 @@ def write_config(workdir: str | os.PathLike[str], config: ml_collections.ConfigD
         # The same run saved before keys were added is rewritten with them, not set aside.
         if _saved_fingerprint(saved) != record["fingerprint"]:
             path.rename(workdir / f"config.{saved.get('fingerprint', 'unknown')}.json")
-    write_text_atomically(path, json.dumps(record, indent=2) + "\n")
+    try:
+        write_text_atomically(path, json.dumps(record, indent=2) + "\n")
+    except FileNotFoundError as error:  # on object storage: no such bucket (the first write of a run)
+        raise WorkdirError(f"cannot write {path}: {error}; does the bucket exist?") from None
 
 
 def read_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:

@@ -138,3 +138,12 @@ def test_metrics_on_gs_are_uploaded_whole_at_most_once_a_minute_and_before_check
         assert steps() == [1, 2]
         resumed.write(3, {"train_loss": 0.3})
     assert steps() == [1, 2, 3] and "0.3" in path.read_text()
+
+
+def test_a_bucket_that_does_not_exist_is_named_before_anything_compiles(emulator, data_dir):
+    from resnet_jax.train import train_and_evaluate
+    from resnet_jax.workdir import WorkdirError
+    from tests.test_train import tiny_config
+
+    with pytest.raises(WorkdirError, match=r"cannot write gs://no-such-bucket/run/config.json.*bucket exist"):
+        train_and_evaluate(tiny_config(data_dir), "gs://no-such-bucket/run")
