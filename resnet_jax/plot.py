@@ -14,6 +14,7 @@ reading metrics) works without it; install it with `pip install -e .[plot]`.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -202,9 +203,10 @@ def new_figure(size: tuple[float, float]) -> Figure:
 def save_figure(figure: Figure, out: str | os.PathLike[str]) -> epath.Path:
     """Write `figure` to the image file `out` (its suffix picks the format); return its path."""
     out = _path(out)
+    image = io.BytesIO()  # drawn first: an unknown format leaves no empty file behind
+    figure.savefig(image, format=out.suffix.lstrip(".") or None, dpi=150)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as file:  # one upload on object storage
-        figure.savefig(file, format=out.suffix.lstrip(".") or None, dpi=150)
+    out.write_bytes(image.getvalue())  # one upload on object storage
     return out
 
 

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from resnet_jax import checkpoint
-from resnet_jax.plot import read_metrics
+from resnet_jax.plot import plot_curves, read_metrics
 from resnet_jax.workdir import workdir_path
 from tests.fake_data import write_graded_fashion_mnist
 from tests.test_reliability import REPO_ROOT, assert_same_run, final_state, run_train, start_and_signal
@@ -108,6 +108,8 @@ def test_a_killed_run_resumes_and_evaluates_from_a_gs_workdir(emulator, data_dir
     assert result["error"] == read_metrics(reference[0])["eval_error"][-1][1]
     curves = read_metrics(os.fspath(workdir))
     assert curves["eval_error"] == read_metrics(reference[0])["eval_error"]
+    figure = plot_curves([os.fspath(workdir)], f"{workdir}/curves.png")
+    assert os.fspath(figure) == f"gs://{BUCKET}/run/curves.png" and figure.read_bytes().startswith(b"\x89PNG")
     assert not (REPO_ROOT / "gs:").exists()
 
 
