@@ -158,7 +158,7 @@ STREAMED_FLAGS = [
     "--config.dataset.name=image_folder",
     "--config.dataset.image_size=16", "--config.dataset.scale_range=20,24", "--config.dataset.eval_resize=20",
     "--config.dataset.num_workers=2", "--config.batch_size=4", "--config.eval_batch_size=8",
-    *FLAGS[2:],
+    *FLAGS[4:],  # the steps, intervals and checkpoints of the Fashion-MNIST run
 ]
 
 
@@ -289,6 +289,39 @@ def test_a_second_ctrl_c_stops_at_once_even_during_compilation(data_dir, referen
     assert not (workdir / "checkpoints").exists() or not list((workdir / "checkpoints").iterdir())
     run_train(data_dir, workdir)
     assert_same_run(workdir, reference)
+
+
+def group_size(group: int) -> int:
+    """How many processes the process group `group` holds now (from /proc)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that just ended
+            # pgrp is the 5th field; the 2nd, the command, is in parentheses and may hold spaces
+            count += int(stat.read_text().rsplit(")", 1)[1].split()[2]) == group
+    return count
+
+
+@pytest.mark.grain
+def test_a_second_ctrl_c_to_the_group_stops_the_trainer_and_its_input_workers_at_once(image_folder, tmp_path):
+    # Compiled afresh (not loaded from the compilation cache): the signals come meanwhile.
+    command = [*streamed_command(image_folder, tmp_path / "run"), "--config.compilation_cache_dir="]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    for line in process.stdout:  # ends when train.py does, so cannot wait forever
+        if line.startswith("compiling the training step"):
+            break
+    # The training pipeline's 2 workers start before the step compiles (seconds, here).
+    deadline = time.time() + 60
+    while group_size(process.pid) < 3:
+        assert time.time() < deadline and process.poll() is None, "the input workers never started"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    assert any(line.startswith("interrupted: saving") for line in process.stderr)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "interrupted again: stopped at once" in stderr and "compiled the training step" not in stdout
+    await_group_exit(process.pid)
 
 
 def test_leftovers_of_a_killed_save_are_cleaned_and_the_last_checkpoint_used(data_dir, reference, tmp_path):
