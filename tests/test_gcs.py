@@ -90,7 +90,7 @@ def reference(data_dir, tmp_path_factory):
 
 def test_a_killed_run_resumes_and_evaluates_from_a_gs_workdir(emulator, data_dir, reference):
     workdir = workdir_path(f"gs://{BUCKET}/run")
-    returncode, _, stderr, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, 1.0)
+    returncode, _, stderr, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, 0.3)
     assert returncode == -signal.SIGKILL, stderr[-3000:]
     with checkpoint.manager(workdir, read_only=True) as mngr:
         saved = mngr.all_steps()  # on GCS a step counts once its commit_success.txt is there
