@@ -15,9 +15,11 @@ arrives (`signal.set_wakeup_fd`); a thread reading it acts then, compilation or 
 
 Input worker processes (Grain's) get the same signals, since schedulers (SLURM, GCE) signal
 every process of the job and a terminal's Ctrl-C the whole foreground group. They ignore
-them (`ignore_stop_signals`): the trainer decides, and stops them as it closes its
-pipelines; the second Ctrl-C's immediate stop kills them. They are started with the signals
-blocked (`stop_signals_held`), so that none arriving before they ignore them can end them.
+them (`init_input_worker`): the trainer decides, and stops them as it closes its
+pipelines; each ends when its parent does, so neither the second Ctrl-C's immediate stop
+nor a trainer killed outright (SIGKILL, out of memory) leaves one behind. They are
+started with the signals blocked (`stop_signals_held`), so that none arriving before they
+ignore them can end them.
 """
 
 from __future__ import annotations
@@ -92,13 +94,11 @@ class PreemptionWatcher:
 
 
 def _abort() -> None:
-    """The second Ctrl-C: end the process now, and its input workers (they ignore the signal
-    and would outlive it). A save in flight never counts (Orbax commits a checkpoint by
-    renaming it into place), so the last finished one is where a rerun resumes."""
+    """The second Ctrl-C: end the process now (its input workers, which ignore the signal, end
+    with it). A save in flight never counts (Orbax commits a checkpoint by renaming it into
+    place), so the last finished one is where a rerun resumes."""
     print("\ninterrupted again: stopped at once; rerun the same command to resume from the last "
           "checkpoint", file=sys.stderr, flush=True)
-    for worker in multiprocessing.active_children():
-        worker.kill()
     os._exit(ABORTED_EXIT_STATUS)
 
 
@@ -107,7 +107,7 @@ def stop_signals_held():
     """Within: SIGTERM and SIGINT are blocked in the calling thread, and so in the threads and
     processes it starts (they inherit its signal mask, through fork and exec); they reach the
     process's other threads as before (the watching thread), so none is lost. Start input
-    workers inside, with `ignore_stop_signals` as their first act. (CPython starts its own
+    workers inside, with `init_input_worker` as their first act. (CPython starts its own
     resource tracker process this way.)"""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
@@ -116,10 +116,16 @@ def stop_signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def ignore_stop_signals(*worker) -> None:
+def init_input_worker(*worker) -> None:
     """An input worker process's first act (Grain's `worker_init_fn`, given the worker's index
-    and count): ignore SIGTERM and SIGINT, then unblock them; any that arrived while they were
-    blocked is dropped."""
+    and count): ignore SIGTERM and SIGINT, then unblock them (any that arrived while they
+    were blocked is dropped); and end when the training process does, however it ends."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    multiprocessing.parent_process().join()  # returns once the parent process has ended
+    os._exit(1)

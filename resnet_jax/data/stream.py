@@ -438,7 +438,7 @@ class HostBatches:
                 iter_dataset, grain.experimental.DatasetOptions(min_shm_size=_PAGE))
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=options.workers, per_worker_buffer_size=options.worker_buffer),
-                worker_init_fn=preemption.ignore_stop_signals)
+                worker_init_fn=preemption.init_input_worker)
         self._examples = iter(iter_dataset)
         self._workers_started = not options.workers
 
