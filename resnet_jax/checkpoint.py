@@ -4,11 +4,14 @@ A workdir holds `config.json` (the run's config and its fingerprint) and
 `checkpoints/<step>/` written by an Orbax `CheckpointManager`: asynchronous saves,
 the last `keep_checkpoints` kept plus the one with the lowest eval error.
 
-Orbax checks no content, so each save records a SHA-256 of every array in the step's
-metadata, and every restore recomputes and compares them: a damaged checkpoint is
-reported with its path, never loaded. Damaged checkpoints met while resuming are moved
-to `checkpoints_damaged/` (kept for inspection, out of Orbax's way) and the run falls
-back to the newest intact one.
+Orbax checks no content, so each save records a checksum of every array, computed on the
+devices and written off the training thread to `checkpoint_checksums/<step>.json`
+(`resnet_jax/integrity.py` says how and why), and every restore recomputes and compares
+them: a damaged checkpoint, or one whose checksums were never recorded, is reported with
+its path, never loaded. Checkpoints written before that carry a SHA-256 of every array in
+their Orbax metadata instead, which a restore checks likewise. Damaged checkpoints met
+while resuming are moved to `checkpoints_damaged/` (kept for inspection, out of Orbax's
+way, with their checksums record) and the run falls back to the newest intact one.
 
 Workdirs are local folders or `gs://` URLs: every path here is an `etils.epath.Path` made
 by `workdir.workdir_path`.
@@ -30,6 +33,7 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from resnet_jax import config as config_lib
+from resnet_jax import integrity
 from resnet_jax.parallel import barrier
 from resnet_jax.state import abstract_train_state, build_model
 from resnet_jax.workdir import WorkdirError, workdir_path, write_text_atomically
@@ -37,6 +41,7 @@ from resnet_jax.workdir import WorkdirError, workdir_path, write_text_atomically
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
+# Where checkpoints written before `integrity` carry their SHA-256 digests, in Orbax's metadata.
 DIGEST_KEY = "sha256"
 
 
@@ -117,7 +122,20 @@ def _eval_error(metrics: dict) -> float:
     return metrics["eval_error"]
 
 
-def manager(workdir: str | os.PathLike[str], keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+class Manager(ocp.CheckpointManager):
+    """Orbax's manager of a workdir's checkpoints, whose `save`s also record their checksums
+    (`integrity.Recorder`): waiting for its saves waits for their records too."""
+
+    def __init__(self, workdir: epath.Path, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checksums = integrity.Recorder(workdir, self.directory)
+
+    def wait_until_finished(self) -> None:
+        super().wait_until_finished()
+        self.checksums.wait()
+
+
+def manager(workdir: str | os.PathLike[str], keep: int = 3, read_only: bool = False) -> Manager:
     policy = AnyPreservationPolicy([
         LatestN(keep),
         BestN(get_metric_fn=_eval_error, reverse=True, n=1, keep_checkpoints_without_metrics=False),
@@ -129,14 +147,15 @@ def manager(workdir: str | os.PathLike[str], keep: int = 3, read_only: bool = Fa
         # Leftovers of a save that was killed half-way are removed at the next start.
         cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(
-        workdir_path(workdir) / CHECKPOINT_DIR, options=options,
-        item_handlers=ocp.StandardCheckpointHandler(),
+    workdir = workdir_path(workdir)
+    return Manager(
+        workdir, workdir / CHECKPOINT_DIR, options=options, item_handlers=ocp.StandardCheckpointHandler(),
     )
 
 
 def digest(state: Any) -> dict[str, str]:
-    """SHA-256 of every array of a (host or fully addressable) state, by tree path."""
+    """SHA-256 of every array of a (host or fully addressable) state, by tree path: what
+    checkpoints written before `integrity` recorded."""
     digests = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
         array = np.ascontiguousarray(leaf)
@@ -145,12 +164,30 @@ def digest(state: Any) -> dict[str, str]:
     return digests
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None = None) -> None:
-    """Start an asynchronous save of `state` (training goes on while it is written)."""
-    mngr.save(
-        step, args=ocp.args.StandardSave(state), metrics=metrics, force=True,
-        custom_metadata={DIGEST_KEY: digest(state)},
-    )
+def save(mngr: Manager, step: int, state: Any, metrics: dict | None = None) -> None:
+    """Start an asynchronous save of `state` and of its checksums (training goes on while
+    they are written; `mngr.wait_until_finished()` waits for both)."""
+    pending = integrity.checksums(state)  # dispatched before the state can be donated
+    mngr.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    mngr.checksums.record(step, pending)
+
+
+def wait_until_recorded(mngr: Manager) -> None:
+    """Wait for the last save and its checksums, then for every process: none leaves
+    (nor reads the checkpoints) before the first process has recorded them."""
+    mngr.wait_until_finished()
+    barrier("checkpoint checksums recorded")
+
+
+def _recorded(mngr: ocp.CheckpointManager, step: int) -> tuple[dict[str, str] | None, Any]:
+    """(the checksums recorded for `step`, the function of a state that recomputes them):
+    `integrity`'s record, else the SHA-256 digests in the metadata of older checkpoints,
+    else (None, None). Raises what reading Orbax's metadata raises."""
+    recorded = integrity.read_record(mngr.directory.parent, step)
+    if recorded:
+        return recorded, lambda state: integrity.as_record(integrity.checksums(state))
+    legacy = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
+    return (legacy, digest) if legacy else (None, None)
 
 
 def _path_name(path: tuple) -> str:
@@ -173,14 +210,19 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
     path = mngr.directory / str(step)
     try:
         stored = _shapes(mngr.item_metadata(step))
-        recorded = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
+        committed = mngr.metadata(step).commit_timestamp_nsecs
+        recorded, _ = _recorded(mngr, step)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         problem = f"{type(error).__name__}: {str(error)[:300]}"
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {problem}") from None
+    # Orbax reads a missing step metadata file (its metrics, its commit) as empty.
+    if committed is None:
+        raise DamagedCheckpoint(f"checkpoint {path} has no step metadata (_CHECKPOINT_METADATA)")
     # A save killed part-way can leave metadata listing only some arrays: that is damage,
     # not another model, and must be set aside rather than stop the run as a misfit.
     if not recorded:
-        raise DamagedCheckpoint(f"checkpoint {path} has no recorded content hashes (metadata missing)")
+        raise DamagedCheckpoint(
+            f"checkpoint {path} has no recorded content checksums (its save did not finish)")
     if len(recorded) != len(stored):
         raise DamagedCheckpoint(
             f"checkpoint {path} was not completely written: its metadata lists {len(stored)} of the "
@@ -199,22 +241,22 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     """`step`'s state, placed like `abstract_state` (ShapeDtypeStructs with shardings),
-    after `check_compatible` and with every array checked against the hashes recorded when
-    it was saved."""
-    check_compatible(mngr, step, abstract_state)  # also: the hashes are there
+    after `check_compatible` and with every array checked against the checksums recorded
+    when it was saved."""
+    check_compatible(mngr, step, abstract_state)  # also: the checksums are there
     path = mngr.directory / str(step)
     try:
-        recorded = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
+        recorded, recompute = _recorded(mngr, step)
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
     # tensorstore reports damage as ValueError, OSError or a bare Exception; the tree's
     # structure was checked against the metadata before, so what fails here is reading.
     except Exception as error:
         problem = f"{type(error).__name__}: {str(error)[:300]}"
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {problem}") from None
-    actual = digest(state)
+    actual = recompute(state)
     for key in sorted(set(recorded) | set(actual)):
         if recorded.get(key) != actual.get(key):
-            raise DamagedCheckpoint(f"checkpoint {path} is damaged: {key} differs from its recorded hash")
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: {key} differs from its recorded checksum")
     return state
 
 
@@ -230,7 +272,10 @@ def restore_latest_intact(workdir: str | os.PathLike[str], mngr: ocp.CheckpointM
         except DamagedCheckpoint as error:
             print(f"warning: {error}; moved to {DAMAGED_DIR}/, trying an older one", file=sys.stderr)
             if jax.process_index() == 0:
-                _set_aside(mngr.directory / str(step), workdir / DAMAGED_DIR)
+                set_aside = _set_aside(mngr.directory / str(step), workdir / DAMAGED_DIR)
+                record = integrity.record_path(workdir, step)
+                if record.exists():
+                    record.rename(set_aside / record.name)
             barrier(f"set aside damaged checkpoint {step}")  # no process looks before it moved
             mngr.reload()
     if steps:
@@ -241,15 +286,16 @@ def restore_latest_intact(workdir: str | os.PathLike[str], mngr: ocp.CheckpointM
     return None, None
 
 
-def _set_aside(step_dir: epath.Path, damaged_dir: epath.Path) -> None:
+def _set_aside(step_dir: epath.Path, damaged_dir: epath.Path) -> epath.Path:
     """Move a damaged step's folder into `damaged_dir`, under a name not taken there yet
-    (the same step can be saved, and damaged, again after the run fell back)."""
+    (the same step can be saved, and damaged, again after the run fell back); its new path."""
     damaged_dir.mkdir(parents=True, exist_ok=True)
     target, copies = damaged_dir / step_dir.name, 1
     while target.exists():
         copies += 1
         target = damaged_dir / f"{step_dir.name}.{copies}"
     step_dir.rename(target)  # on object storage a copy of each file, then their deletion
+    return target
 
 
 def resolve_step(mngr: ocp.CheckpointManager, step: str | int | None) -> int:

@@ -502,13 +502,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 writer.flush()  # the lines up to a checkpoint's step are stored before it is
                 checkpoint.save(mngr, step, state, last_eval if evaluated else None)
             if preempted:
-                mngr.wait_until_finished()
+                checkpoint.wait_until_recorded(mngr)
                 print(f"preempted: saved the checkpoint of step {step}; rerun the same command to resume",
                       flush=True)
                 return {"preempted_at_step": step}
             if logged:  # evaluation and saving stay out of the next interval's throughput
                 interval_start, timed_steps = time.perf_counter(), 0
-        mngr.wait_until_finished()
+        checkpoint.wait_until_recorded(mngr)
         return last_eval or run_eval()  # nothing left to train: the restored checkpoint's numbers
 
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, integrity
 from resnet_jax.state import abstract_train_state, build_model
 from resnet_jax.train import TrainingDiverged, train_and_evaluate
 from tests.fake_data import write_graded_fashion_mnist, write_image_folder
@@ -369,6 +369,8 @@ DAMAGE = {
     "missing metadata": lambda d: (d / "_CHECKPOINT_METADATA").unlink(),
     "partial item metadata": drop_half_the_item_metadata,
     "empty step folder": lambda d: [shutil.rmtree(d), d.mkdir()],
+    # Killed after Orbax committed the step, before its checksums were recorded.
+    "checksums never recorded": lambda d: integrity.record_path(d.parent.parent, int(d.name)).unlink(),
 }
 
 
