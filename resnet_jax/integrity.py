@@ -83,6 +83,14 @@ def checksums(state: Any) -> Any:
     return jax.tree_util.tree_map(_array_checksum, state)
 
 
+def compile_checksums(state: Any) -> None:
+    """Compile the checksum programs for arrays like `state`'s now, by dispatching them on
+    it once, so that saves only dispatch them: compiled at ResNet-50's first save, they
+    blocked it for 4 s on a 2-core CPU, and widened the time in which a kill leaves a
+    committed checkpoint without its record."""
+    checksums(state)
+
+
 def as_record(pending: Any) -> dict[str, str]:
     """{tree path: 16 hex digits} of `checksums`' result, fetched to the host."""
     fetched = jax.device_get(pending)

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from resnet_jax import backend, checkpoint, compile_cache, schedules, scoring
+from resnet_jax import backend, checkpoint, compile_cache, integrity, schedules, scoring
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs, count_params
 from resnet_jax.data import memory, stream
@@ -437,6 +437,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     eval_step = compile_ahead(inputs.eval_step(model, "center"), "eval step", progress.enabled,
                               {"params": state.params, "batch_stats": state.batch_stats},
                               inputs.eval_inputs_like("center"))
+    integrity.compile_checksums(state)  # likewise for the checkpoints' checksums
 
     def run_eval() -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
