@@ -23,12 +23,18 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from resnet_jax.cpu import allocator, fast_conv
+from resnet_jax.cpu import allocator, fast_conv, native_conv
 
 # The values of the config key model.conv.
 CONV_PATHS = fast_conv.CONV_PATHS
 # Environment variables that hand JAX a plugin library directly.
 PLUGIN_VARIABLES = ("PJRT_NAMES_AND_LIBRARY_PATHS", "TPU_LIBRARY_PATH")
+
+
+def user_cache_dir() -> os.PathLike[str]:
+    """The per-user folder where resnet_jax keeps what it builds and measures on this
+    machine (the native kernels, the convolution choices; `compile_cache`'s default)."""
+    return native_conv.cache_dir()
 
 
 def conv_module(path: str) -> Any:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import jax
 
-from resnet_jax.cpu import native_conv
+from resnet_jax import backend
 
 AUTO = "auto"
 # Programs that compile faster than this are not written: the many small ones (a random
@@ -43,7 +43,7 @@ def directory(setting: str) -> Path | None:
     if not setting:
         return None
     if setting == AUTO:
-        return native_conv.cache_dir() / "xla"
+        return Path(backend.user_cache_dir()) / "xla"
     return Path(os.path.expanduser(setting))
 
 
