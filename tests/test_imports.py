@@ -71,8 +71,9 @@ def test_the_models_import_no_cpu_code_data_training_or_checkpoints():
 PARTS = {
     "commands": ("resnet_jax.cli", "resnet_jax.evaluate", "resnet_jax.experiments", "resnet_jax.plot"),
     "training": ("resnet_jax.train", "resnet_jax.metrics", "resnet_jax.scoring", "resnet_jax.preemption"),
-    "checkpoints": ("resnet_jax.checkpoint", "resnet_jax.workdir"),
-    "run": ("resnet_jax.state", "resnet_jax.config", "resnet_jax.schedules", "resnet_jax.backend"),
+    "checkpoints": ("resnet_jax.checkpoint", "resnet_jax.workdir", "resnet_jax.integrity"),
+    "run": ("resnet_jax.state", "resnet_jax.config", "resnet_jax.schedules", "resnet_jax.backend",
+            "resnet_jax.compile_cache"),
     "models": ("resnet_jax.models", "resnet_jax.complexity", "resnet_jax.convert", "resnet_jax.summary"),
     "data": ("resnet_jax.data",),
     "cpu": ("resnet_jax.cpu",),
