@@ -6,14 +6,14 @@ jitted programs that the training thread only dispatches: they run on the device
 Orbax's copy of the state to the host, and the next step, to which the state is donated,
 waits for both to have read it, so what is hashed is exactly what is saved, and nothing
 on the host can overwrite it. A background thread of the first process fetches the
-checksums (16 bytes an array) and writes them to `checkpoint_checksums/<step>.json` in the
+checksums (8 bytes an array) and writes them to `checkpoint_checksums/<step>.json` in the
 workdir, atomically (`workdir.write_text_atomically`: a temporary file renamed, one upload
 on object storage).
 
 Why not SHA-256 of a host copy on a background thread, the other design: the training
 thread would still copy the whole state (Orbax's own host copy is Orbax's), an
 accelerator would transfer it to the host twice, and on a CPU the hashing competes with
-the steps for the cores. Here the devices read the state once more and the host moves 16
+the steps for the cores. Here the devices read the state once more and the host moves 8
 bytes an array. For ResNet-50's state (205 MB) on a 2-core CPU, a save blocked the
 training thread 400 ms with SHA-256 on it, 240 ms with these checksums, 180 ms with no
 checksums at all (`benchmarks/checkpoint_save.py`, `benchmarks/RESULTS.md`).
