@@ -14,18 +14,12 @@ C-level handler writes each signal's number to the wakeup file descriptor the mo
 arrives (`signal.set_wakeup_fd`); a thread reading it acts then, compilation or not.
 
 Input worker processes (Grain's) get the same signals, since schedulers (SLURM, GCE) signal
-every process of the job and a terminal's Ctrl-C the whole foreground group. They ignore
-them (`init_input_worker`): the trainer decides, and stops them as it closes its
-pipelines; each ends when its parent does, so neither the second Ctrl-C's immediate stop
-nor a trainer killed outright (SIGKILL, out of memory) leaves one behind. They are
-started with the signals blocked (`stop_signals_held`), so that none arriving before they
-ignore them can end them.
+every process of the job and a terminal's Ctrl-C the whole foreground group; they ignore
+them and leave the decision to this process (`data/input_workers.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
 import signal
 import sys
@@ -34,10 +28,11 @@ from typing import TYPE_CHECKING
 
 import jax
 
-if TYPE_CHECKING:  # input worker processes import this module: they need no Orbax
+from resnet_jax.data.input_workers import STOP_SIGNALS
+
+if TYPE_CHECKING:
     import orbax.checkpoint as ocp
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What a shell reports for a process that Ctrl-C ended: 128 + SIGINT.
 ABORTED_EXIT_STATUS = 128 + signal.SIGINT
 
@@ -100,32 +95,3 @@ def _abort() -> None:
     print("\ninterrupted again: stopped at once; rerun the same command to resume from the last "
           "checkpoint", file=sys.stderr, flush=True)
     os._exit(ABORTED_EXIT_STATUS)
-
-
-@contextlib.contextmanager
-def stop_signals_held():
-    """Within: SIGTERM and SIGINT are blocked in the calling thread, and so in the threads and
-    processes it starts (they inherit its signal mask, through fork and exec); they reach the
-    process's other threads as before (the watching thread), so none is lost. Start input
-    workers inside, with `init_input_worker` as their first act. (CPython starts its own
-    resource tracker process this way.)"""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def init_input_worker(*worker) -> None:
-    """An input worker process's first act (Grain's `worker_init_fn`, given the worker's index
-    and count): ignore SIGTERM and SIGINT, then unblock them (any that arrived while they
-    were blocked is dropped); and end when the training process does, however it ends."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
-
-
-def _exit_with_parent() -> None:
-    multiprocessing.parent_process().join()  # returns once the parent process has ended
-    os._exit(1)

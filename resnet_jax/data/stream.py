@@ -41,8 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import preemption
-from resnet_jax.data import augment
+from resnet_jax.data import augment, input_workers
 from resnet_jax.data.image_records import open_split
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import Parallel, eval_batch_size_for, gather_from_processes
@@ -414,7 +413,7 @@ class HostBatches:
     """Batches of `batch_size` examples (the last one possibly smaller) of a Grain MapDataset
     of single examples, decoded as `options` says, as an iterator of numpy trees; `close()`
     stops the workers. The workers ignore SIGTERM and SIGINT, which reach every process of
-    the group: this process decides what they mean (`preemption`).
+    the group: this process decides what they mean (`input_workers`).
 
     Workers hand over single examples, and each is copied into its batch here as it
     arrives: a worker's buffer holds examples, never batches, and shared memory holds only
@@ -438,7 +437,7 @@ class HostBatches:
                 iter_dataset, grain.experimental.DatasetOptions(min_shm_size=_PAGE))
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=options.workers, per_worker_buffer_size=options.worker_buffer),
-                worker_init_fn=preemption.init_input_worker)
+                worker_init_fn=input_workers.init_input_worker)
         self._examples = iter(iter_dataset)
         self._workers_started = not options.workers
 
@@ -466,7 +465,7 @@ class HostBatches:
         if self._workers_started:
             return next(self._examples)
         # Grain starts the workers at the first request, from threads started by this one.
-        with preemption.stop_signals_held():
+        with input_workers.stop_signals_held():
             self._workers_started = True
             return next(self._examples)
 
