@@ -41,6 +41,16 @@ def launch(args, devices, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def launch_two(args, workdir):
+    """Two processes of `args` with 2 CPU devices each, joined by a loopback coordinator."""
+    address = f"127.0.0.1:{free_port()}"
+    return [
+        launch([*args, f"--workdir={workdir}", f"--coordinator_address={address}", "--num_processes=2",
+                f"--process_id={i}"], devices=2)
+        for i in range(2)
+    ]
+
+
 def finish(process):
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
@@ -57,12 +67,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_evaluates_in_one(data
     finish(launch([*common, f"--workdir={single}"], devices=4))
 
     multi = tmp_path / "multi"
-    address = f"127.0.0.1:{free_port()}"
-    processes = [
-        launch([*common, f"--workdir={multi}", f"--coordinator_address={address}", "--num_processes=2",
-                f"--process_id={i}"], devices=2)
-        for i in range(2)
-    ]
+    processes = launch_two(common, multi)
     outputs = [finish(p) for p in processes]
     assert "4 device(s)" in outputs[0] and "step 12/12" in outputs[0]
     # Quiet on every process but the first (gloo's own connection notes aside).
@@ -100,12 +105,7 @@ def test_two_processes_train_on_a_streamed_image_folder_like_one(tmp_path):
     single = tmp_path / "single"
     finish(launch([*common, f"--workdir={single}"], devices=4))
     multi = tmp_path / "multi"
-    address = f"127.0.0.1:{free_port()}"
-    processes = [
-        launch([*common, f"--workdir={multi}", f"--coordinator_address={address}", "--num_processes=2",
-                f"--process_id={i}"], devices=2)
-        for i in range(2)
-    ]
+    processes = launch_two(common, multi)
     assert "4 device(s)" in [finish(p) for p in processes][0]
     single_lines, multi_lines = lines(single), lines(multi)
     assert [line["step"] for line in multi_lines] == [line["step"] for line in single_lines]

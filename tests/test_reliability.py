@@ -120,6 +120,15 @@ def assert_same_run(workdir, reference, same_log_intervals=True):
     assert lines == reference_lines
 
 
+def preempted_step(stdout: str, workdir) -> int:
+    """The step a preempted run says it saved, checked to be its newest checkpoint."""
+    line = next(line for line in stdout.splitlines() if line.startswith("preempted"))
+    step = int(line.split("checkpoint of step ")[1].split(";")[0])
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        assert max(mngr.all_steps()) == step
+    return step
+
+
 @pytest.mark.parametrize("trial", range(KILL_TRIALS))
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(trial, data_dir, reference, tmp_path):
     workdir = tmp_path / "run"
@@ -142,10 +151,7 @@ def test_sigterm_or_ctrl_c_saves_the_current_step_and_exits_cleanly(sig, trial, 
     returncode, stdout, stderr, seconds = start_and_signal(data_dir, workdir, sig, delay)
     assert returncode == 0 and seconds < 60, stderr
     assert "Traceback" not in stderr
-    line = next(line for line in stdout.splitlines() if line.startswith("preempted"))
-    step = int(line.split("checkpoint of step ")[1].split(";")[0])
-    with checkpoint.manager(workdir, read_only=True) as mngr:
-        assert max(mngr.all_steps()) == step
+    step = preempted_step(stdout, workdir)
     out = run_train(data_dir, workdir)
     assert f"resuming at step {step}" in out.stdout
     assert_same_run(workdir, reference, same_log_intervals=step % 2 == 0)
@@ -239,10 +245,7 @@ def test_a_signal_to_the_whole_process_group_with_input_workers_saves_the_step_a
     stdout = "".join(stdout) + rest
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
     await_group_exit(process.pid)
-    line = next(line for line in stdout.splitlines() if line.startswith("preempted"))
-    step = int(line.split("checkpoint of step ")[1].split(";")[0])
-    with checkpoint.manager(workdir, read_only=True) as mngr:
-        assert max(mngr.all_steps()) == step
+    step = preempted_step(stdout, workdir)
     out = run_streamed(image_folder, workdir)
     assert f"resuming at step {step}" in out.stdout
     assert_same_run(workdir, streamed_reference, same_log_intervals=step % 2 == 0)
