@@ -22,7 +22,7 @@ from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS
 from resnet_jax.data.sources import SPLITS
 from resnet_jax.parallel import data_parallel
 from resnet_jax.train import eval_metrics, open_inputs, with_dataset_classes
-from resnet_jax.workdir import workdir_path
+from resnet_jax.workdir import check_reachable, workdir_path
 
 
 def evaluate_workdir(workdir: str | os.PathLike[str], step: str | int | None = "latest",
@@ -43,6 +43,7 @@ def evaluate_workdir(workdir: str | os.PathLike[str], step: str | int | None = "
         raise ConfigError(f"--multi_scale_average={average!r} is not accepted; expected one of "
                           f"{', '.join(scoring.AVERAGES)}")
     workdir = workdir_path(workdir)
+    check_reachable(workdir)
     config = checkpoint.read_config(workdir)
     compile_cache.enable(config.compilation_cache_dir)  # the run's own setting, before anything compiles
     streamed = config.dataset.name in STREAMED_DATASETS

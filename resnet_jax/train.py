@@ -41,7 +41,7 @@ from resnet_jax.models import ResNet
 from resnet_jax.parallel import Parallel, barrier, data_parallel, eval_batch_size_for
 from resnet_jax.preemption import PreemptionWatcher
 from resnet_jax.state import TrainState, abstract_train_state, build_model, init_state, input_shape
-from resnet_jax.workdir import workdir_path
+from resnet_jax.workdir import check_reachable, workdir_path
 
 # What a step of each kind of data receives as `inputs`.
 TrainInputs = memory.DeviceData | stream.StreamedBatch
@@ -402,6 +402,7 @@ def train_and_evaluate(
     `workdir` is a local path or a gs:// URL (see `resnet_jax.workdir`).
     """
     workdir = workdir_path(workdir)  # refuses a workdir it cannot reach before anything runs
+    check_reachable(workdir)
     with PreemptionWatcher() as preemption:
         return _train_and_evaluate(config, workdir, allow_config_change, preemption)
 

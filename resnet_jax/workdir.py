@@ -75,6 +75,24 @@ def _list_afresh() -> None:
         fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
+def check_reachable(path: epath.Path) -> None:
+    """Refuse an object-storage workdir that cannot be listed: no network, no credentials, no
+    permission. A command calls this first, so that the client's own error (a traceback from
+    gcsfs or tensorflow, which etils uses where it is installed) becomes one paragraph
+    naming the URL, before anything is compiled or written. Local paths need no check."""
+    if not is_object_storage(path):
+        return
+    try:
+        path.exists()
+    except Exception as error:  # each client raises its own types: gcsfs, google-auth, tensorflow
+        cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise WorkdirError(
+            f"workdir {os.fspath(path)} cannot be reached ({type(error).__name__}: {cause}); "
+            "check the network, the credentials (gcloud auth application-default login) and "
+            "the bucket's name, or use a local --workdir"
+        ) from None
+
+
 def is_object_storage(path: epath.Path) -> bool:
     return _scheme(os.fspath(path)) is not None
 

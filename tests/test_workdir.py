@@ -67,6 +67,23 @@ def test_a_gs_workdir_without_a_client_is_refused_naming_what_to_install(without
         workdir_path("gs://bucket/run")
 
 
+def test_a_gs_workdir_that_cannot_be_reached_is_one_paragraph_naming_it(with_a_gcs_client, monkeypatch):
+    def unreachable(path):  # what tensorflow's gs:// file system raises offline
+        raise RuntimeError("Could not resolve host: storage host\n  traceback lines")
+
+    path = workdir_path("gs://bucket/run")
+    monkeypatch.setattr(type(path), "exists", unreachable)
+    with pytest.raises(WorkdirError, match=r"gs://bucket/run cannot be reached \(RuntimeError: Could not "
+                                           r"resolve host: storage host\); check the network"):
+        workdir.check_reachable(path)
+
+
+def test_a_local_workdir_is_not_probed(tmp_path, monkeypatch):
+    path = workdir_path(tmp_path / "run")
+    monkeypatch.setattr(type(path), "exists", lambda path: pytest.fail("probed"))
+    workdir.check_reachable(path)
+
+
 def test_train_and_evaluate_refuse_it_before_compiling_or_writing(without_gcs_clients, tmp_path, monkeypatch,
                                                                   capsys):
     import train as train_cli

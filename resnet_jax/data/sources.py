@@ -298,7 +298,7 @@ _OFFLINE_ROUTE = (
     "Without internet, train on Fashion-MNIST from Debian: `apt-get install -y "
     "dataset-fashion-mnist`, then configs/fashion_mnist_resnet20.py or any net with "
     "configs/cifar.py:MODEL,fashion_mnist (e.g. `make train CONFIG=configs/fashion_mnist_resnet20.py "
-    "TFDS=0`); or pass dataset.data_dir with files you have: "
+    "WORKDIR=runs/fashion_mnist_resnet20 TFDS=0`); or pass dataset.data_dir with files you have: "
 )
 
 
