@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--config", required=True, help="a config file defining get_config(), and after ':' its argument, "
-        "e.g. configs/default.py or configs/cifar.py:resnet110,cifar10"
+        "e.g. configs/cifar10_resnet20.py or configs/cifar.py:resnet110,cifar10"
     )
     p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go: "
                    "a local folder or gs://bucket/path (pip install -e '.[gcs]')")

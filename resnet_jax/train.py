@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -511,11 +512,41 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             if logged:  # evaluation and saving stay out of the next interval's throughput
                 interval_start, timed_steps = time.perf_counter(), 0
         checkpoint.wait_until_recorded(mngr)
-        return last_eval or run_eval()  # nothing left to train: the restored checkpoint's numbers
+        if not last_eval and progress.enabled:
+            print(f"step {start}/{config.num_train_steps} was trained before: nothing to train and nothing "
+                  "changed; evaluating its checkpoint", flush=True)
+        last_eval = last_eval or run_eval()
+    if progress.enabled:
+        print("\n".join(closing_lines(config, workdir, last_eval)), flush=True)
+    return last_eval
+
+
+def _python_command() -> str:
+    """This interpreter as a user would type it here: relative when it is below the current
+    directory (a checkout's .venv/bin/python), else its full path."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative
+
+
+def closing_lines(config: ml_collections.ConfigDict, workdir: epath.Path,
+                  result: dict[str, float]) -> list[str]:
+    """What a finished run ends with: its error, where it is, and the commands that
+    evaluate, resume and plot it."""
+    python = _python_command()
+    return [
+        f"{config.dataset.eval_split} error {result['eval_error']:.2%} after "
+        f"{config.num_train_steps:,} steps (top-5 {result['eval_top5_error']:.2%}, "
+        f"loss {result['eval_loss']:.4f})",
+        f"the run:  {workdir} (config.json, metrics.jsonl, checkpoints/)",
+        f"evaluate: {python} evaluate.py --workdir={workdir} [--step=best]",
+        "resume:   rerun the same command: it continues from the newest checkpoint (a finished run is "
+        "reported as here, not trained again)",
+        f"plot:     {python} -m resnet_jax.plot {workdir} --out {workdir / 'curves.png'}",
+    ]
 
 
 __all__ = [
-    "DeviceInputs", "StreamInputs", "TrainingDiverged", "compile_ahead", "eval_metrics", "load_data",
-    "make_eval_step", "make_stream_eval_step", "make_stream_train_step", "make_train_step",
+    "DeviceInputs", "StreamInputs", "TrainingDiverged", "closing_lines", "compile_ahead", "eval_metrics",
+    "load_data", "make_eval_step", "make_stream_eval_step", "make_stream_train_step", "make_train_step",
     "memory_eval_inputs", "open_inputs", "train_and_evaluate", "with_dataset_classes",
 ]

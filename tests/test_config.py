@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from resnet_jax import config as config_lib
+from resnet_jax import installs
 from resnet_jax.config import ConfigError, apply_overrides, cifar_recipe, imagenet_recipe, validate
 from resnet_jax.state import build_model
 
@@ -48,8 +49,9 @@ def shortcut_of(config):
 
 
 @pytest.mark.parametrize(
-    "name", ["default.py", "fashion_mnist_resnet20.py", "cifar.py:resnet1202,cifar10",
-             "cifar.py:resnet56,fashion_mnist", "cifar.py:plain20,cifar100", "cifar.py:resnet8",
+    "name", ["cifar10_resnet20.py", "fashion_mnist_resnet20.py", "fashion_mnist_resnet20_short.py",
+             "cifar.py:resnet1202,cifar10", "cifar.py:resnet56,fashion_mnist", "cifar.py:plain20,cifar100",
+             "cifar.py:resnet8",
              *PAPER_CONFIGS, *IMAGENET_CONFIGS]
 )
 def test_every_config_file_loads_and_validates(name):
@@ -84,9 +86,37 @@ def test_the_library_lists_the_papers_imagenet_nets_with_their_shortcuts():
 
 
 def test_the_short_configs_are_their_recipes():
-    assert config_lib.to_dict(load("default.py")) == config_lib.to_dict(load("cifar.py:resnet20,cifar10"))
+    assert config_lib.to_dict(load("cifar10_resnet20.py")) == config_lib.to_dict(
+        load("cifar.py:resnet20,cifar10"))
     assert config_lib.to_dict(load("fashion_mnist_resnet20.py")) == config_lib.to_dict(
         load("cifar.py:resnet20,fashion_mnist"))
+
+
+def test_the_make_train_config_is_the_fashion_mnist_recipe_on_2000_steps():
+    short, full = load("fashion_mnist_resnet20_short.py"), load("cifar.py:resnet20,fashion_mnist")
+    assert config_lib.differences(full, short) == ["num_train_steps: 64000 != 2000"]
+    assert [round(f * short.num_train_steps) for f in short.lr_boundaries] == [1000, 1500]
+    assert (short.eval_every_steps, short.checkpoint_every_steps) == (500, 500)
+
+
+@pytest.mark.parametrize("name, debian_dir_exists, items", [
+    ("fashion_mnist_resnet20_short.py", False, ["deb:dataset-fashion-mnist"]),
+    ("fashion_mnist_resnet20_short.py", True, []),
+    ("cifar10_resnet20.py", False, ["extra:tfds", "extra:tfds-prepare"]),
+    ("imagenet.py:resnet50", False, ["extra:tfds", "extra:stream"]),
+])
+def test_make_train_installs_what_a_config_reads(name, debian_dir_exists, items):
+    assert installs.needed(load(name), debian_dir_exists) == items
+
+
+def test_a_config_reading_local_files_needs_nothing_installed(tmp_path):
+    for name in ("fashion_mnist_resnet20.py", "cifar10_resnet20.py"):
+        config = load(name)
+        config.dataset.data_dir = str(tmp_path)
+        assert installs.needed(config, debian_dir_exists=False) == []
+    config = load("imagenet.py:resnet50")
+    config.dataset.name, config.dataset.data_dir = "image_folder", str(tmp_path)
+    assert installs.needed(config, debian_dir_exists=False) == ["extra:stream"]
 
 
 @pytest.mark.parametrize("old, new, shortcut", [
@@ -117,7 +147,7 @@ def test_a_config_name_of_the_old_layout_names_its_new_form(old, new, shortcut):
     ("imagenet.py:resnet50,D", ["'D'", "A, B or C"]),
     ("imagenet.py:plain34,A", ["'A'", "none after a plain one"]),
     ("imagenet_pod.py:resnet50,big", ["'big'", "a positive integer"]),
-    ("default.py:resnet56", ["takes no argument after ':'", "'resnet56'"]),
+    ("cifar10_resnet20.py:resnet56", ["takes no argument after ':'", "'resnet56'"]),
     ("nothing.py", ["does not exist", "configs/cifar.py:resnet110,cifar10"]),
 ])
 def test_bad_recipe_arguments_are_named_with_what_is_accepted(name, words):
@@ -128,7 +158,7 @@ def test_bad_recipe_arguments_are_named_with_what_is_accepted(name, words):
 
 
 def test_the_paper_recipe():
-    config = load("default.py")
+    config = load("cifar10_resnet20.py")
     assert (config.model.name, config.dataset.name) == ("resnet20", "cifar10")
     assert (config.batch_size, config.num_train_steps, config.learning_rate) == (128, 64_000, 0.1)
     assert (config.momentum, config.weight_decay, config.lr_warmup) == (0.9, 1e-4, "none")

@@ -69,7 +69,8 @@ def test_the_models_import_no_cpu_code_data_training_or_checkpoints():
 # The README's layout picture: each part's modules (by name prefix) and the parts below it
 # that it may import. A module in none of them fails the test: place it in the picture.
 PARTS = {
-    "commands": ("resnet_jax.cli", "resnet_jax.evaluate", "resnet_jax.experiments", "resnet_jax.plot"),
+    "commands": ("resnet_jax.cli", "resnet_jax.evaluate", "resnet_jax.experiments", "resnet_jax.plot",
+                 "resnet_jax.installs"),
     "training": ("resnet_jax.train", "resnet_jax.metrics", "resnet_jax.scoring", "resnet_jax.preemption"),
     "checkpoints": ("resnet_jax.checkpoint", "resnet_jax.workdir", "resnet_jax.integrity"),
     "run": ("resnet_jax.state", "resnet_jax.config", "resnet_jax.schedules", "resnet_jax.backend",

@@ -368,7 +368,7 @@ def no_network(*args, **kwargs):
     raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
 socket.getaddrinfo = no_network
-sys.argv = ["train.py", "--config=configs/default.py", "--workdir=" + sys.argv[1]]
+sys.argv = ["train.py", "--config=configs/cifar10_resnet20.py", "--workdir=" + sys.argv[1]]
 runpy.run_path("train.py", run_name="__main__")
 """
 

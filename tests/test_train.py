@@ -176,10 +176,41 @@ def test_the_console_says_compiling_then_shows_the_first_step_then_every_log_int
     assert re.fullmatch(r"compiled the eval step in \d+\.\d s", lines[2])
     assert lines[3] == "compiling the training step ..."
     assert re.fullmatch(r"compiled the training step in \d+\.\d s", lines[4])
-    steps = [line.split()[1] for line in lines[5:]]
+    steps = [line.split()[1] for line in lines[5:-5]]
     assert steps == ["1/8", "4/8", "8/8", "8/8"]  # the first step, every log_every_steps, the eval
-    assert "train_loss" in lines[5] and "eval_error" in lines[-1]
+    assert "train_loss" in lines[5] and "eval_error" in lines[-6]
+    assert lines[-5].startswith("test error ")  # the closing lines (below)
     assert [line["step"] for line in read_lines(tmp_path / "run") if "train_loss" in line] == [4, 8]
+
+
+def test_a_finished_run_ends_with_its_error_and_how_to_evaluate_resume_and_plot_it(
+    data_dir, tmp_path, capsys
+):
+    workdir = tmp_path / "run"
+    config = tiny_config(data_dir, num_train_steps=8, eval_every_steps=8, checkpoint_every_steps=8)
+    result = train_and_evaluate(config, workdir)
+    closing = capsys.readouterr().out.splitlines()[-5:]
+    assert closing[0] == (f"test error {result['eval_error']:.2%} after 8 steps "
+                          f"(top-5 {result['eval_top5_error']:.2%}, loss {result['eval_loss']:.4f})")
+    assert closing[1].startswith(f"the run:  {workdir} ")
+    assert closing[2].endswith(f" evaluate.py --workdir={workdir} [--step=best]")
+    assert closing[3].startswith("resume:   rerun the same command")
+    assert closing[4].endswith(f" -m resnet_jax.plot {workdir} --out {workdir / 'curves.png'}")
+    python = closing[2].split()[1]  # the interpreter, as typed: it runs the commands shown
+    assert subprocess.run([python, "-c", "import resnet_jax"], cwd=REPO_ROOT).returncode == 0
+
+
+def test_rerunning_a_finished_run_reports_it_and_changes_nothing(trained, data_dir, capsys):
+    workdir, result = trained
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in workdir.rglob("*")}
+    capsys.readouterr()
+    assert train_and_evaluate(tiny_config(data_dir), workdir) == result
+    out = capsys.readouterr().out
+    assert "step 24/24 was trained before: nothing to train and nothing changed" in out
+    assert "compiling the training step" not in out
+    assert f"test error {result['eval_error']:.2%} after 24 steps" in out
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in workdir.rglob("*")} == before
 
 
 def test_a_workdir_of_another_run_is_refused_and_left_alone(trained, data_dir):

@@ -295,10 +295,9 @@ class _CifarUnpickler(pickle.Unpickler):
 # How long one download host may take to accept a connection before it counts as unreachable.
 DOWNLOAD_PROBE_TIMEOUT_S = 10
 _OFFLINE_ROUTE = (
-    "Without internet, train on Fashion-MNIST from Debian: `apt-get install -y "
-    "dataset-fashion-mnist`, then configs/fashion_mnist_resnet20.py or any net with "
-    "configs/cifar.py:MODEL,fashion_mnist (e.g. `make train CONFIG=configs/fashion_mnist_resnet20.py "
-    "WORKDIR=runs/fashion_mnist_resnet20 TFDS=0`); or pass dataset.data_dir with files you have: "
+    "Without internet, train on Fashion-MNIST from Debian's dataset-fashion-mnist: plain `make train` "
+    "(it installs the package where it may), or any net with configs/cifar.py:MODEL,fashion_mnist "
+    "(`apt-get install -y dataset-fashion-mnist` first); or pass dataset.data_dir with files you have: "
 )
 
 
