@@ -55,8 +55,8 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 train: setup
 	@for item in $$($(BIN)/python -m resnet_jax.installs --config=$(CONFIG) $(ARGS)); do \
 	  case $$item in \
-	    deb:*) $(MAKE) --no-print-directory deb-$${item#deb:} ;; \
-	    extra:*) $(MAKE) --no-print-directory $(VENV)/.installed-$${item#extra:} ;; \
+	    deb:*) $(MAKE) -s --no-print-directory deb-$${item#deb:} ;; \
+	    extra:*) $(MAKE) -s --no-print-directory $(VENV)/.installed-$${item#extra:} ;; \
 	  esac || exit $$?; \
 	done
 	$(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
@@ -66,6 +66,7 @@ train: setup
 
 # An extra of pyproject.toml that a config needs, installed once per .venv.
 $(VENV)/.installed-%: $(VENV)/.installed
+	@echo "installing the $* extra into $(VENV) (once)"
 	$(BIN)/python -m pip install -q -e ".[$*]"
 	touch $@
 

@@ -19,8 +19,10 @@ by `workdir.workdir_path`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -135,7 +137,30 @@ class Manager(ocp.CheckpointManager):
         self.checksums.wait()
 
 
+# What Orbax logs (as a warning, through absl) whenever a read-only manager opens: a note, not
+# a problem, and the only one that options cannot avoid.
+_READ_ONLY_NOTE = "Given directory is read only=%s"
+
+
+class _WithoutReadOnlyNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _READ_ONLY_NOTE
+
+
+@contextlib.contextmanager
+def _read_only_note_hidden():
+    """Orbax's read-only note left out of the log while a manager opens; everything else kept."""
+    absl_logger, note_filter = logging.getLogger("absl"), _WithoutReadOnlyNote()
+    absl_logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(note_filter)
+
+
 def manager(workdir: str | os.PathLike[str], keep: int = 3, read_only: bool = False) -> Manager:
+    """The workdir's checkpoint manager; `read_only`: one that never writes (for restoring,
+    evaluating, checking), opened without Orbax's notes about it."""
     policy = AnyPreservationPolicy([
         LatestN(keep),
         BestN(get_metric_fn=_eval_error, reverse=True, n=1, keep_checkpoints_without_metrics=False),
@@ -146,11 +171,14 @@ def manager(workdir: str | os.PathLike[str], keep: int = 3, read_only: bool = Fa
         preservation_policy=policy, read_only=read_only, create=not read_only,
         # Leftovers of a save that was killed half-way are removed at the next start.
         cleanup_tmp_directories=not read_only,
+        # A read-only manager saves nothing: said here, Orbax need not set it and warn.
+        save_interval_steps=0 if read_only else 1,
     )
     workdir = workdir_path(workdir)
-    return Manager(
-        workdir, workdir / CHECKPOINT_DIR, options=options, item_handlers=ocp.StandardCheckpointHandler(),
-    )
+    with _read_only_note_hidden() if read_only else contextlib.nullcontext():
+        return Manager(
+            workdir, workdir / CHECKPOINT_DIR, options=options, item_handlers=ocp.StandardCheckpointHandler(),
+        )
 
 
 def digest(state: Any) -> dict[str, str]:

@@ -327,24 +327,49 @@ def imagenet_pod_config(arg: str | None) -> ml_collections.ConfigDict:
     return imagenet_pod_recipe(model, int(batch))
 
 
-def _new_form(path: Path) -> str | None:
-    """What a config file of the one-file-per-net layout is called now, or None."""
-    cifar = re.fullmatch(r"(cifar10|cifar100|fashion_mnist)_((?:resnet|plain)\d+)\.py", path.name)
+def _is_net_of(model: str, family: str) -> bool:
+    try:
+        return model_spec(model)["family"] == family
+    except ValueError:
+        return False
+
+
+def _recipe_form(path: Path) -> str | None:
+    """The recipe file's `--config` for a file named after a net and a dataset
+    (`cifar10_resnet110.py`, `imagenet_resnet34_a.py`, ...) that names a real net, or None."""
+    cifar = re.fullmatch(r"(cifar10|cifar100|mnist|fashion_mnist)_((?:resnet|plain)\d+)\.py", path.name)
     if cifar:
-        return f"--config={path.parent / 'cifar.py'}:{cifar.group(2)},{cifar.group(1)}"
-    if path.name == "imagenet_resnet50_pod.py":
-        return f"--config={path.parent / 'imagenet_pod.py'}:resnet50,4096"
+        dataset, model = cifar.groups()
+        form = f"--config={path.parent / 'cifar.py'}:{model},{dataset}"
+        return form if _is_net_of(model, "cifar") else None
+    pod = re.fullmatch(r"imagenet_((?:resnet|plain)\d+)_pod\.py", path.name)
+    if pod:
+        form = f"--config={path.parent / 'imagenet_pod.py'}:{pod.group(1)}"
+        return form if _is_net_of(pod.group(1), "imagenet") else None
     imagenet = re.fullmatch(r"imagenet_((?:resnet|plain)\d+)(?:_([abc]))?\.py", path.name)
-    if not imagenet:
+    if not imagenet or not _is_net_of(imagenet.group(1), "imagenet"):
         return None
-    model, option = imagenet.group(1), imagenet.group(2)
-    new = f"--config={path.parent / 'imagenet.py'}:{model}"
+    model, option = imagenet.groups()
+    form = f"--config={path.parent / 'imagenet.py'}:{model}"
     if model.startswith("plain"):
-        return new
-    if option is None:  # the old file built the ImageNet family's default, B
+        return form
+    if option is None:  # the ImageNet family's default shortcut, B
         table2 = model in ("resnet18", "resnet34")
-        return f"{new},B" + (" (the paper's Table 2 trains it with option A: ,A)" if table2 else "")
-    return f"{new},{option.upper()}"
+        return f"{form},B" + (" (the paper's Table 2 trains it with option A: ,A)" if table2 else "")
+    return f"{form},{option.upper()}"
+
+
+def _missing_config_hint(path: Path) -> str:
+    """For a config file that does not exist: the recipe file's form of its name, else the
+    existing config file nearest to it, else what there is."""
+    form = _recipe_form(path)
+    if form:
+        return f"that net on that dataset is {form}"
+    existing = sorted(p.name for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
+    nearest = difflib.get_close_matches(path.name, existing, n=1, cutoff=0.6)
+    if nearest:
+        return f"did you mean {path.parent / nearest[0]}?"
+    return "pass one of configs/*.py, e.g. configs/cifar.py:resnet110,cifar10"
 
 
 def load(spec: str | os.PathLike[str]) -> ml_collections.ConfigDict:
@@ -353,12 +378,7 @@ def load(spec: str | os.PathLike[str]) -> ml_collections.ConfigDict:
     text, has_arg, arg = str(spec).partition(":")
     path = Path(text)
     if not path.is_file():
-        new = _new_form(path)
-        raise ConfigError(
-            f"config file {text!r} does not exist; "
-            + (f"configs are one file per recipe family now, and this one is {new}" if new
-               else "pass one of configs/*.py, e.g. configs/cifar.py:resnet110,cifar10")
-        )
+        raise ConfigError(f"config file {text!r} does not exist; {_missing_config_hint(path)}")
     module_spec = importlib.util.spec_from_file_location(f"resnet_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -408,14 +428,14 @@ def _parse(key: str, text: str, current: Any) -> Any:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise fail(f"a {type(current).__name__}") from None
+        raise fail(_a(type(current))) from None
     if isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(current, float) and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(current, tuple) and isinstance(value, tuple | list):
         return tuple(value)
-    raise fail(f"a {type(current).__name__}")
+    raise fail(_a(type(current)))
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]) -> None:
@@ -423,9 +443,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
     known = flat_keys(config)
     for key, text in overrides:
         if key not in known:
-            raise ConfigError(
-                f"unknown config key {key!r}{_nearest(key, known)} Keys: {', '.join(sorted(known))}"
-            )
+            raise _unknown_key(key, known)
         *parents, leaf = key.split(".")
         node = config
         for parent in parents:
@@ -438,9 +456,23 @@ def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"config.{key} = {value!r} is not accepted; expected {accepted}")
 
 
-def _nearest(key: str, keys: Iterable[str]) -> str:
-    nearest = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
-    return f"; did you mean {nearest[0]!r}?" if nearest else ""
+def _a(kind: type) -> str:
+    """'an int', 'a float': a type's name with its article, for messages."""
+    name = kind.__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+# How many of the nearest keys an unknown key's message names (a config has about 60).
+NEAREST_KEYS = 4
+
+
+def _unknown_key(key: str, keys: Iterable[str]) -> ConfigError:
+    """An unknown key refused with the few known keys nearest to it (not all of them)."""
+    nearest = difflib.get_close_matches(key, list(keys), n=NEAREST_KEYS, cutoff=0.5)
+    hint = f"did you mean {nearest[0]!r}?" if nearest else "no key is near it."
+    if nearest[1:]:
+        hint += f" Other near keys: {', '.join(map(repr, nearest[1:]))}."
+    return ConfigError(f"unknown config key {key!r}; {hint} Every key and what it means: docs/training.md")
 
 
 def _check_schema(config: ml_collections.ConfigDict) -> None:
@@ -448,9 +480,7 @@ def _check_schema(config: ml_collections.ConfigDict) -> None:
     for floats): a config file's typo or a quoted number is caught before anything runs."""
     schema, given = flat_keys(base_config()), flat_keys(config)
     for key in sorted(set(given) - set(schema)):
-        raise ConfigError(
-            f"unknown config key {key!r}{_nearest(key, schema)} Keys: {', '.join(sorted(schema))}"
-        )
+        raise _unknown_key(key, schema)
     for key in sorted(set(schema) - set(given)):
         raise ConfigError(f"config key {key!r} is missing; every config has it (default: {schema[key]!r})")
     for key, value in given.items():
@@ -459,7 +489,7 @@ def _check_schema(config: ml_collections.ConfigDict) -> None:
             continue
         if type(value) is not expected:
             raise ConfigError(
-                f"config.{key} = {value!r} is a {type(value).__name__}; expected a {expected.__name__}"
+                f"config.{key} = {value!r} is {_a(type(value))}; expected {_a(expected)}"
             )
 
 

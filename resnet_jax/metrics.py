@@ -56,9 +56,12 @@ class MetricWriter:
     the whole file (and TensorBoard's) is uploaded again: at most every
     `UPLOAD_EVERY_SECONDS`, and at every `flush()` (before each checkpoint, so that a
     resumed run finds every line up to its step, and at the end).
+
+    Without tensorboardX, a one-line note says so where `note_missing` (a run's start from
+    scratch: once per run, not at every resume or report).
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], tensorboard: bool):
+    def __init__(self, workdir: str | os.PathLike[str], tensorboard: bool, note_missing: bool = True):
         self.enabled = jax.process_index() == 0
         workdir = workdir_path(workdir)
         self.path = workdir / METRICS_FILE
@@ -71,7 +74,9 @@ class MetricWriter:
             try:
                 from tensorboardX import SummaryWriter  # optional: pip install -e .[tensorboard]
             except ImportError:
-                print("note: TensorBoard events not written (pip install tensorboardX)", file=sys.stderr)
+                if note_missing:
+                    print("note: no TensorBoard events, as tensorboardX is not installed (pip install -e "
+                          "'.[tensorboard]', or --config.tensorboard=false)", file=sys.stderr)
             else:
                 # tensorboardX writes gs:// itself (with google-cloud-storage, which gcsfs brings).
                 self.summary = SummaryWriter(os.fspath(workdir / "tensorboard"))

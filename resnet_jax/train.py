@@ -42,7 +42,7 @@ from resnet_jax.models import ResNet
 from resnet_jax.parallel import Parallel, barrier, data_parallel, eval_batch_size_for
 from resnet_jax.preemption import PreemptionWatcher
 from resnet_jax.state import TrainState, abstract_train_state, build_model, init_state, input_shape
-from resnet_jax.workdir import check_reachable, workdir_path
+from resnet_jax.workdir import check_reachable, is_object_storage, workdir_path
 
 # What a step of each kind of data receives as `inputs`.
 TrainInputs = memory.DeviceData | stream.StreamedBatch
@@ -421,7 +421,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     mngr, start, state = _restore_or_init(config, model, workdir, parallel, init_key, allow_config_change)
     train_step = inputs.train_step(model)
     schedule = schedules.learning_rate_schedule(config)
-    writer = MetricWriter(workdir, config.tensorboard)
+    writer = MetricWriter(workdir, config.tensorboard, note_missing=start == 0)
     writer.drop_after(start)
     progress = Progress(config.num_train_steps)
     warmup_end = int(jax.device_get(state.lr_warmup_end))
@@ -521,18 +521,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     return last_eval
 
 
-def _python_command() -> str:
-    """This interpreter as a user would type it here: relative when it is below the current
-    directory (a checkout's .venv/bin/python), else its full path."""
-    relative = os.path.relpath(sys.executable)
-    return sys.executable if relative.startswith("..") else relative
+def _as_typed(path: str | os.PathLike[str]) -> str:
+    """A path as a user would type it here: relative when it is below the current directory
+    (a checkout's .venv/bin/python, runs/...), else in full (a gs:// URL as it is)."""
+    text = os.fspath(path)
+    if is_object_storage(epath.Path(text)):
+        return text
+    relative = os.path.relpath(text)
+    return text if relative.startswith("..") else relative
 
 
 def closing_lines(config: ml_collections.ConfigDict, workdir: epath.Path,
                   result: dict[str, float]) -> list[str]:
     """What a finished run ends with: its error, where it is, and the commands that
     evaluate, resume and plot it."""
-    python = _python_command()
+    python, workdir = _as_typed(sys.executable), _as_typed(workdir)
+    curves = os.path.join(workdir, "curves.png")  # workdir_path reads a gs:// URL joined so too
     return [
         f"{config.dataset.eval_split} error {result['eval_error']:.2%} after "
         f"{config.num_train_steps:,} steps (top-5 {result['eval_top5_error']:.2%}, "
@@ -541,7 +545,7 @@ def closing_lines(config: ml_collections.ConfigDict, workdir: epath.Path,
         f"evaluate: {python} evaluate.py --workdir={workdir} [--step=best]",
         "resume:   rerun the same command: it continues from the newest checkpoint (a finished run is "
         "reported as here, not trained again)",
-        f"plot:     {python} -m resnet_jax.plot {workdir} --out {workdir / 'curves.png'}",
+        f"plot:     {python} -m resnet_jax.plot {workdir} --out {curves}",
     ]
 
 

@@ -76,11 +76,18 @@ def _list_afresh() -> None:
 
 
 def check_reachable(path: epath.Path) -> None:
-    """Refuse an object-storage workdir that cannot be listed: no network, no credentials, no
-    permission. A command calls this first, so that the client's own error (a traceback from
-    gcsfs or tensorflow, which etils uses where it is installed) becomes one paragraph
-    naming the URL, before anything is compiled or written. Local paths need no check."""
+    """Refuse a workdir that cannot be used: an object-storage one that cannot be listed (no
+    network, no credentials, no permission), a local one that is, or lies below, a file. A
+    command calls this first, so that the client's own error (a traceback from gcsfs or
+    tensorflow, which etils uses where it is installed) or the one of making the folder
+    becomes one paragraph naming the path, before anything is compiled or written."""
     if not is_object_storage(path):
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            what = "is a file" if existing == path else f"lies below {existing}, a file"
+            raise WorkdirError(f"workdir {path} {what}: a workdir is a folder, new or written by "
+                               "train.py, where a run keeps config.json, metrics.jsonl and its "
+                               "checkpoints; pass another --workdir")
         return
     try:
         path.exists()

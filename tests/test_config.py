@@ -127,13 +127,27 @@ def test_a_config_reading_local_files_needs_nothing_installed(tmp_path):
     ("imagenet_resnet34_a.py", "imagenet.py:resnet34,A", "A"),
     ("imagenet_resnet152.py", "imagenet.py:resnet152,B", "B"),
     ("imagenet_plain34.py", "imagenet.py:plain34", "none"),
-    ("imagenet_resnet50_pod.py", "imagenet_pod.py:resnet50,4096", "B"),
+    ("imagenet_resnet50_pod.py", "imagenet_pod.py:resnet50", "B"),
 ])
-def test_a_config_name_of_the_old_layout_names_its_new_form(old, new, shortcut):
+def test_a_missing_config_named_after_a_net_and_dataset_names_the_recipe_files_form(old, new, shortcut):
     with pytest.raises(ConfigError) as error:
         load(old)
     assert f"--config={CONFIGS}/{new}" in str(error.value)
     assert shortcut_of(load(new)) == shortcut
+
+
+@pytest.mark.parametrize("typo, nearest", [
+    ("fashion_mnist_resnet2.py", "fashion_mnist_resnet20.py"),  # resnet2 is no net: no recipe form
+    ("fashion_mnist_resnet20_shrt.py", "fashion_mnist_resnet20_short.py"),
+    ("cifar10_resnet50.py", "cifar10_resnet20.py"),  # ResNet-50 is an ImageNet net
+    ("imagenet_pod.py.py", "imagenet_pod.py"),
+])
+def test_a_mistyped_config_file_is_refused_naming_the_existing_file_nearest_it(typo, nearest):
+    with pytest.raises(ConfigError) as error:
+        load(typo)
+    message = str(error.value)
+    assert message == f"config file '{CONFIGS}/{typo}' does not exist; did you mean {CONFIGS}/{nearest}?"
+    assert (CONFIGS / nearest).is_file()
 
 
 @pytest.mark.parametrize("name, words", [
@@ -214,7 +228,8 @@ def test_overrides_take_the_type_of_the_key():
     "key, value, words",
     [
         ("modle.name", "x", ["unknown config key 'modle.name'", "did you mean 'model.name'"]),
-        ("batch_size", "12.5", ["batch_size", "'12.5'", "expected a int"]),
+        ("batch_size", "12.5", ["batch_size", "'12.5'", "expected an int (current value 128)"]),
+        ("learning_rate", "fast", ["learning_rate", "'fast'", "expected a float"]),
         ("tensorboard", "maybe", ["expected a boolean"]),
     ],
 )
@@ -223,6 +238,19 @@ def test_bad_overrides_are_named(key, value, words):
         apply_overrides(cifar_recipe("resnet20"), [(key, value)])
     for word in words:
         assert word in str(error.value)
+
+
+def test_an_unknown_key_is_refused_with_the_few_nearest_keys_not_all_of_them():
+    config = cifar_recipe("resnet20")
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(config, [("modle.name", "resnet8")])
+    message = str(error.value)
+    assert message.startswith("unknown config key 'modle.name'; did you mean 'model.name'? Other near keys: ")
+    assert message.endswith(" Every key and what it means: docs/training.md")
+    named = [key for key in config_lib.flat_keys(config) if f"'{key}'" in message]
+    assert "model.name" in named and len(named) <= config_lib.NEAREST_KEYS
+    with pytest.raises(ConfigError, match=r"'zzzz'; no key is near it\. Every key and what it means"):
+        apply_overrides(config, [("zzzz", "1")])
 
 
 @pytest.mark.parametrize(

@@ -487,6 +487,20 @@ def test_bad_input_is_refused_before_anything_is_written(flags, word, data_dir, 
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("below", [False, True])
+def test_a_workdir_that_is_or_lies_below_a_file_is_refused_in_one_paragraph(below, data_dir, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("a user's file\n")
+    workdir = afile / "run" if below else afile
+    evaluate = [sys.executable, "evaluate.py", f"--workdir={workdir}"]
+    for command in (train_command(data_dir, workdir), evaluate):
+        out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        what = f"lies below {afile}, a file" if below else "is a file"
+        assert out.returncode == 2 and out.stderr.startswith(f"error: workdir {workdir} {what}: "), out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert afile.read_text() == "a user's file\n"
+
+
 def config_file(folder, name, line):
     path = folder / name
     path.write_text(

@@ -388,6 +388,7 @@ def test_train_py_offline_stops_at_once_with_one_paragraph_naming_the_download(t
     )
     assert "cannot be reached" in message and "Name or service not known" in message
     assert "apt-get install -y dataset-fashion-mnist" in message and "configs/fashion_mnist_" in message
+    assert "plain `make train`" in message  # the offline run, which installs it where it may
     assert "cifar-10-batches-py" in message  # what dataset.data_dir would need
     assert not workdir.exists()
     assert not tfds_dir.exists() or not list(tfds_dir.iterdir())  # nothing half-made

@@ -1,6 +1,7 @@
 """End to end: train.py's loop on tiny nets and data in the real formats, then evaluate."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -145,6 +146,29 @@ def test_load_returns_model_variables_and_config(trained):
     assert logits.shape == (2, 10)
 
 
+def test_load_on_a_writable_workdir_logs_no_orbax_notes(trained, caplog):
+    with caplog.at_level(logging.INFO, logger="absl"):  # whatever absl's verbosity was set to
+        checkpoint.load(trained[0])
+        with checkpoint.manager(trained[0], read_only=True) as mngr:
+            mngr.all_steps()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    with caplog.at_level(logging.INFO, logger="absl"):  # the filter is gone: Orbax's log is intact
+        logging.getLogger("absl").warning("Given directory is read only=%s", "x")
+    assert [r.getMessage() for r in caplog.records][-1] == "Given directory is read only=x"
+
+
+def test_the_tensorboardx_note_comes_once_at_the_start_of_a_run_not_at_each_resume(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # not installed
+    config = tiny_config(data_dir, num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4,
+                         tensorboard=True)
+    train_and_evaluate(config, tmp_path / "run")
+    assert capsys.readouterr().err.count("note: no TensorBoard events") == 1
+    train_and_evaluate(config, tmp_path / "run")
+    assert "TensorBoard" not in capsys.readouterr().err
+
+
 def without_timing(lines):
     return [{k: v for k, v in line.items() if k != "images_per_sec"} for line in lines]
 
@@ -184,20 +208,20 @@ def test_the_console_says_compiling_then_shows_the_first_step_then_every_log_int
 
 
 def test_a_finished_run_ends_with_its_error_and_how_to_evaluate_resume_and_plot_it(
-    data_dir, tmp_path, capsys
+    data_dir, tmp_path, capsys, monkeypatch
 ):
-    workdir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # the run's folder is shown as typed, relative to here
     config = tiny_config(data_dir, num_train_steps=8, eval_every_steps=8, checkpoint_every_steps=8)
-    result = train_and_evaluate(config, workdir)
+    result = train_and_evaluate(config, "runs/r8")
     closing = capsys.readouterr().out.splitlines()[-5:]
     assert closing[0] == (f"test error {result['eval_error']:.2%} after 8 steps "
                           f"(top-5 {result['eval_top5_error']:.2%}, loss {result['eval_loss']:.4f})")
-    assert closing[1].startswith(f"the run:  {workdir} ")
-    assert closing[2].endswith(f" evaluate.py --workdir={workdir} [--step=best]")
+    assert closing[1] == "the run:  runs/r8 (config.json, metrics.jsonl, checkpoints/)"
+    python = sys.executable  # not below tmp_path: in full
+    assert closing[2] == f"evaluate: {python} evaluate.py --workdir=runs/r8 [--step=best]"
     assert closing[3].startswith("resume:   rerun the same command")
-    assert closing[4].endswith(f" -m resnet_jax.plot {workdir} --out {workdir / 'curves.png'}")
-    python = closing[2].split()[1]  # the interpreter, as typed: it runs the commands shown
-    assert subprocess.run([python, "-c", "import resnet_jax"], cwd=REPO_ROOT).returncode == 0
+    assert closing[4] == f"plot:     {python} -m resnet_jax.plot runs/r8 --out runs/r8/curves.png"
+    assert (tmp_path / "runs/r8/metrics.jsonl").exists()
 
 
 def test_rerunning_a_finished_run_reports_it_and_changes_nothing(trained, data_dir, capsys):

@@ -296,8 +296,9 @@ class _CifarUnpickler(pickle.Unpickler):
 DOWNLOAD_PROBE_TIMEOUT_S = 10
 _OFFLINE_ROUTE = (
     "Without internet, train on Fashion-MNIST from Debian's dataset-fashion-mnist: plain `make train` "
-    "(it installs the package where it may), or any net with configs/cifar.py:MODEL,fashion_mnist "
-    "(`apt-get install -y dataset-fashion-mnist` first); or pass dataset.data_dir with files you have: "
+    "(configs/fashion_mnist_resnet20_short.py; it installs the package where it may), or any net with "
+    "configs/cifar.py:MODEL,fashion_mnist after `apt-get install -y dataset-fashion-mnist`; or pass "
+    "dataset.data_dir with files you have: "
 )
 
 
