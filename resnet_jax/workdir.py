@@ -81,10 +81,12 @@ def check_reachable(path: epath.Path) -> None:
     command calls this first, so that the client's own error (a traceback from gcsfs or
     tensorflow, which etils uses where it is installed) or the one of making the folder
     becomes one paragraph naming the path, before anything is compiled or written."""
-    if not is_object_storage(path):
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir():
-            what = "is a file" if existing == path else f"lies below {existing}, a file"
+    if not is_object_storage(path):  # read with os.path: nothing of a storage client
+        existing = os.fspath(path)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            what = "is a file" if existing == os.fspath(path) else f"lies below {existing}, a file"
             raise WorkdirError(f"workdir {path} {what}: a workdir is a folder, new or written by "
                                "train.py, where a run keeps config.json, metrics.jsonl and its "
                                "checkpoints; pass another --workdir")
