@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax.data import augment, input_workers
+from resnet_jax.data import augment, input_workers, pool_limits
 from resnet_jax.data.image_records import open_split
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import Parallel, eval_batch_size_for, gather_from_processes
@@ -505,6 +505,7 @@ class StreamedData:
             self.eval = open_split(d.name, d.eval_split, data_dir, getattr(self.train, "classes", None))
         self.num_classes = self.train.num_classes
         self.pipeline = PipelineOptions.of(config)
+        pool_limits.check_file_descriptors(self.pipeline.workers, self.pipeline.workers if self.eval else 0)
         # The training examples are the largest the normalisation sample and the multi-
         # scale plan pass too; evaluation checks its own views (`eval_passes`).
         if self.pipeline.workers and self.config.num_train_steps:  # decodes one example, here
