@@ -8,11 +8,13 @@ exit status 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import absl.logging
+import jax
 
 from resnet_jax import backend, parallel
 from resnet_jax.checkpoint import WorkdirError
@@ -52,13 +54,16 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     group.add_argument("--num_processes", type=int, default=None)
     group.add_argument("--process_id", type=int, default=None)
+    group.add_argument("--heartbeat_timeout", type=int, default=parallel.HEARTBEAT_TIMEOUT_SECONDS,
+                       metavar="SECONDS", help="how long after a process stops answering the others stop")
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
     """Before anything touches a device: join the other processes, if any."""
     try:
         parallel.initialize_distributed(
-            args.distributed, args.coordinator_address, args.num_processes, args.process_id
+            args.distributed, args.coordinator_address, args.num_processes, args.process_id,
+            args.heartbeat_timeout,
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -75,13 +80,18 @@ def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],
         parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse flags and run `main(args, overrides)`, turning user errors into messages."""
     prepare_process()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+        rest, overrides = split_overrides(argv)
         args = parser.parse_args(rest)
         main(args, overrides)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as error:  # re-raised unless another process of the run died
+        heartbeat_timeout = getattr(args, "heartbeat_timeout", parallel.HEARTBEAT_TIMEOUT_SECONDS)
+        parallel.exit_for_lost_processes(error, heartbeat_timeout, shlex.join([sys.argv[0], *argv]))
+        raise
     except KeyboardInterrupt:  # Ctrl-C outside training, where nothing is left to save (see preemption)
         print("\ninterrupted", file=sys.stderr)
         return ABORTED_EXIT_STATUS
