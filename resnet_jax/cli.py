@@ -8,7 +8,6 @@ exit status 2, not a traceback.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -80,17 +79,15 @@ def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],
         parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse flags and run `main(args, overrides)`, turning user errors into messages."""
     prepare_process()
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        rest, overrides = split_overrides(argv)
+        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(rest)
         main(args, overrides)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except jax.errors.JaxRuntimeError as error:  # re-raised unless another process of the run died
-        heartbeat_timeout = getattr(args, "heartbeat_timeout", parallel.HEARTBEAT_TIMEOUT_SECONDS)
-        parallel.exit_for_lost_processes(error, heartbeat_timeout, shlex.join([sys.argv[0], *argv]))
+    except jax.errors.JaxRuntimeError:  # where a process of the run died, it names it (docs/pods.md)
+        parallel.await_lost_process_verdict()
         raise
     except KeyboardInterrupt:  # Ctrl-C outside training, where nothing is left to save (see preemption)
         print("\ninterrupted", file=sys.stderr)

@@ -9,9 +9,14 @@ else touches a device.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import os
+import shlex
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -67,6 +72,8 @@ def initialize_distributed(
         raise ValueError(f"--heartbeat_timeout must be a number of seconds >= 1, not {heartbeat_timeout}")
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout)
+    if jax.process_count() > 1:
+        PeerWatch(heartbeat_timeout)
 
 
 def barrier(name: str) -> None:
@@ -75,54 +82,104 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _coordination_client():
-    from jax._src import distributed  # the runtime's client: JAX has no public handle on it
-
-    return distributed.global_state.client
+DONE = "done"  # a process's last beat, at its normal exit
 
 
-def lost_processes(wait_seconds: float) -> list[int]:
-    """After a collective failed: the processes that do not answer within `wait_seconds`,
-    asked through the coordination service (process 0's; when that does not answer, process
-    0 is the one lost). Empty when every process answers: the failure was something else."""
-    client, me = _coordination_client(), jax.process_index()
-    try:
-        client.key_value_set(f"resnet_jax/alive/{me}", "1")
-        lost = []
-        for other in (i for i in range(jax.process_count()) if i != me):
+class PeerWatch:
+    """A thread that notices a process of the run has died, before JAX's runtime does.
+
+    Every process writes a counter into the coordination service's key-value store once a
+    second and reads the others'. A process whose counter stands still for half the
+    heartbeat timeout (or a coordination service that stops answering: process 0 is gone)
+    ends this process at once with one paragraph and LOST_PROCESS_EXIT_STATUS. At once,
+    with os._exit, from this thread: the main thread may be blocked in a collective or a
+    barrier that only the runtime ends, and it ends it by aborting the process (status
+    134, a C++ stack dump) once the dead process has missed its heartbeats for the whole
+    timeout; a normal exit would wait at the runtime's shutdown barrier for it likewise.
+    """
+
+    BEAT_SECONDS = 1.0
+
+    def __init__(self, heartbeat_timeout: int):
+        from jax._src import distributed  # the runtime's client: JAX has no public handle on it
+
+        self._client = distributed.global_state.client
+        self._silent_after = heartbeat_timeout / 2
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)  # after jax.distributed's own: runs before its shutdown
+        global _peer_watch
+        _peer_watch = self
+
+    def stop(self) -> None:
+        """At this process's normal exit (before the runtime's shutdown): stop watching, and
+        tell the others that this process is done, not lost."""
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(jax.errors.JaxRuntimeError):
+            self._client.key_value_set(self._key(jax.process_index()), DONE, allow_overwrite=True)
+
+    def await_verdict(self) -> None:
+        """Give the watch the time to find a lost process (and end this one), after a
+        collective failed: that is how a dead peer first shows in the main thread."""
+        self._stop.wait(self._silent_after + 2 * self.BEAT_SECONDS)
+
+    @staticmethod
+    def _key(process: int) -> str:
+        return f"resnet_jax/beat/{process}"
+
+    def _watch(self) -> None:
+        me, count = jax.process_index(), jax.process_count()
+        others = [i for i in range(count) if i != me]
+        seen = dict.fromkeys(others, (None, time.monotonic()))  # last value read, and when it changed
+        beat = 0
+        while not self._stop.wait(self.BEAT_SECONDS):
+            beat += 1
             try:
-                client.blocking_key_value_get(f"resnet_jax/alive/{other}", int(wait_seconds * 1000))
-            except jax.errors.JaxRuntimeError:  # not there in time
-                lost.append(other)
-        return lost
-    except jax.errors.JaxRuntimeError:  # the coordination service itself is gone
-        return [0]
+                self._client.key_value_set(self._key(me), str(beat), allow_overwrite=True)
+                values = {i: self._try_get(self._key(i)) for i in others}
+            except jax.errors.JaxRuntimeError:
+                if not self._stop.is_set():
+                    self._lost([0])
+                return
+            now = time.monotonic()
+            seen = {i: seen[i] if values[i] == seen[i][0] else (values[i], now) for i in others}
+            lost = [i for i in others if values[i] != DONE and now - seen[i][1] > self._silent_after]
+            if lost and not self._stop.is_set():
+                self._lost(lost)
+
+    def _try_get(self, key: str) -> str | None:
+        try:
+            return self._client.key_value_try_get(key)
+        except jax.errors.JaxRuntimeError as error:
+            if "NOT_FOUND" in str(error):  # that process has not written its first beat yet
+                return None
+            raise
+
+    def _lost(self, lost: list[int]) -> None:
+        names = ", ".join(str(i) for i in lost)
+        silent = "stopped answering" if lost != [0] else "and with it the run's coordinator stopped answering"
+        sys.stdout.flush()
+        print(
+            f"error: process {names} of this {jax.process_count()}-process run {silent} (its host or process "
+            f"died, or it stopped), so process {jax.process_index()} stops too. Start every process again, "
+            f"each with its command as before, to resume from the last checkpoint; this one's:\n"
+            f"  python {shlex.join(sys.argv)}",
+            file=sys.stderr, flush=True,
+        )
+        os._exit(LOST_PROCESS_EXIT_STATUS)
 
 
-def exit_for_lost_processes(error: jax.errors.JaxRuntimeError, heartbeat_timeout: int, command: str) -> None:
-    """When `error` is a collective's failure because a process of the run died: one
-    paragraph naming it and the resume command, then exit LOST_PROCESS_EXIT_STATUS at once.
+_peer_watch: PeerWatch | None = None  # this process's, in a multi-process run
 
-    At once, with os._exit: the normal exit would first wait at JAX's shutdown barrier for the
-    dead process, and the coordination service aborts this process (status 134, a C++ stack
-    dump) once the dead one has missed its heartbeats for `heartbeat_timeout` seconds. The
-    run's own state is closed by then (the error has unwound training). Returns (the caller
-    re-raises) when every process still answers."""
-    if jax.process_count() == 1:
-        return
-    lost = lost_processes(max(1.0, heartbeat_timeout / 4))
-    if not lost:
-        return
-    names = ", ".join(str(i) for i in lost)
-    print(
-        f"error: process {names} of this {jax.process_count()}-process run stopped answering (its host or "
-        f"process died), so process {jax.process_index()} stops too ({str(error).splitlines()[0]}). Start "
-        f"every process again, each with its command as before, to resume from the last checkpoint; "
-        f"this one's:\n  python {command}",
-        file=sys.stderr, flush=True,
-    )
-    sys.stdout.flush()
-    os._exit(LOST_PROCESS_EXIT_STATUS)
+
+def await_lost_process_verdict() -> None:
+    """After a runtime error (a failed collective): wait until the peer watch has had the
+    time to find a dead process, which ends this process with its paragraph; then return,
+    for the error to be raised as it is. A no-op in a single process."""
+    if _peer_watch is not None:
+        _peer_watch.await_verdict()
 
 
 def gather_from_processes(share: np.ndarray) -> np.ndarray:
