@@ -16,6 +16,8 @@ import sys
 import time
 import urllib.request
 
+import jax
+import numpy as np
 import pytest
 
 from resnet_jax import checkpoint
@@ -151,3 +153,42 @@ def test_a_bucket_that_does_not_exist_is_named_before_anything_compiles(emulator
 
     with pytest.raises(WorkdirError, match=r"cannot write gs://no-such-bucket/run/config.json.*bucket exist"):
         train_and_evaluate(tiny_config(data_dir), "gs://no-such-bucket/run")
+
+
+@pytest.mark.grain
+def test_two_processes_on_a_streamed_folder_with_a_gs_workdir_resume_bit_identically_after_a_kill(
+        emulator, tmp_path):
+    from tests.fake_data import write_image_folder
+    from tests.test_multihost import finish, kill_after_first_checkpoint, launch_two, saved_steps
+    from tests.test_reliability import without_timing
+
+    folder = write_image_folder(tmp_path / "images", seed=0)  # 3 classes x (6 train, 3 val)
+    common = [
+        "train.py", "--config=configs/imagenet.py:resnet18", "--config.model.name=resnet8",
+        "--config.dataset.name=image_folder", f"--config.dataset.data_dir={folder}",
+        "--config.dataset.image_size=16", "--config.dataset.scale_range=20,24",
+        "--config.dataset.eval_resize=20", "--config.dataset.num_workers=0", "--config.batch_size=8",
+        "--config.eval_batch_size=8", "--config.num_train_steps=8", "--config.log_every_steps=2",
+        "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2", "--config.tensorboard=false",
+        "--heartbeat_timeout=10",
+    ]
+    uninterrupted = tmp_path / "uninterrupted"  # the same 2 x 2 layout, on a local workdir
+    for p in launch_two(common, uninterrupted):
+        finish(p)
+
+    workdir = workdir_path(f"gs://{BUCKET}/two_processes")
+    processes = launch_two(common, workdir)
+    kill_after_first_checkpoint(processes, workdir, victim=0)  # process 0: the run's coordinator
+    assert processes[0].returncode == -signal.SIGKILL
+    # Without its coordinator the runtime aborts process 1 at once (docs/pods.md).
+    assert processes[1].returncode == -signal.SIGABRT
+    last = max(saved_steps(workdir))
+    assert last < 8
+    resumed = [finish(p) for p in launch_two(common, workdir)]
+    assert f"resuming at step {last}" in resumed[0] and "step 8/8" in resumed[0]
+
+    step, state = final_state(workdir)
+    reference_step, reference_state = final_state(uninterrupted)
+    assert step == reference_step == 8
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state, reference_state)  # bit for bit
+    assert without_timing(workdir) == without_timing(uninterrupted)
