@@ -16,8 +16,6 @@ import sys
 import time
 import urllib.request
 
-import jax
-import numpy as np
 import pytest
 
 from resnet_jax import checkpoint, integrity
@@ -161,18 +159,20 @@ def test_a_bucket_that_does_not_exist_is_named_before_anything_compiles(emulator
 def test_two_processes_on_a_streamed_folder_with_a_gs_workdir_resume_bit_identically_after_a_kill(
         emulator, tmp_path):
     from tests.fake_data import write_image_folder
-    from tests.test_multihost import finish, kill_after_first_checkpoint, launch_two, saved_steps
-    from tests.test_reliability import without_timing
+    from tests.test_multihost import (
+        HEARTBEAT,
+        finish,
+        kill_after_first_checkpoint,
+        launch_two,
+        saved_steps,
+        streamed_folder_command,
+    )
 
     folder = write_image_folder(tmp_path / "images", seed=0)  # 3 classes x (6 train, 3 val)
     common = [
-        "train.py", "--config=configs/imagenet.py:resnet18", "--config.model.name=resnet8",
-        "--config.dataset.name=image_folder", f"--config.dataset.data_dir={folder}",
-        "--config.dataset.image_size=16", "--config.dataset.scale_range=20,24",
-        "--config.dataset.eval_resize=20", "--config.dataset.num_workers=0", "--config.batch_size=8",
-        "--config.eval_batch_size=8", "--config.num_train_steps=8", "--config.log_every_steps=2",
+        *streamed_folder_command(folder), "--config.num_train_steps=8", "--config.log_every_steps=2",
         "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2", "--config.tensorboard=false",
-        "--heartbeat_timeout=10",
+        HEARTBEAT,
     ]
     uninterrupted = tmp_path / "uninterrupted"  # the same 2 x 2 layout, on a local workdir
     for p in launch_two(common, uninterrupted):
@@ -189,8 +189,4 @@ def test_two_processes_on_a_streamed_folder_with_a_gs_workdir_resume_bit_identic
     resumed = [finish(p) for p in launch_two(common, workdir)]
     assert f"resuming at step {last}" in resumed[0] and "step 8/8" in resumed[0]
 
-    step, state = final_state(workdir)
-    reference_step, reference_state = final_state(uninterrupted)
-    assert step == reference_step == 8
-    jax.tree_util.tree_map(np.testing.assert_array_equal, state, reference_state)  # bit for bit
-    assert without_timing(workdir) == without_timing(uninterrupted)
+    assert_same_run(workdir, (uninterrupted, final_state(uninterrupted)), steps=8)  # bit for bit

@@ -104,15 +104,23 @@ def test_two_processes_train_like_one_and_their_checkpoint_evaluates_in_one(data
     assert result["loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-4)
 
 
-@pytest.mark.grain
-def test_two_processes_train_on_a_streamed_image_folder_like_one(tmp_path):
-    folder = write_image_folder(tmp_path / "images", seed=0)  # 3 classes x (6 train, 3 val)
-    common = [
+def streamed_folder_command(folder):
+    """train.py on a tiny streamed image folder (ResNet-8 on 16x16 crops), read without input
+    workers; the steps, intervals and workdir are the caller's."""
+    return [
         "train.py", "--config=configs/imagenet.py:resnet18", "--config.model.name=resnet8",
         "--config.dataset.name=image_folder", f"--config.dataset.data_dir={folder}",
         "--config.dataset.image_size=16", "--config.dataset.scale_range=20,24",
         "--config.dataset.eval_resize=20", "--config.dataset.num_workers=0", "--config.batch_size=8",
         "--config.eval_batch_size=8",
+    ]
+
+
+@pytest.mark.grain
+def test_two_processes_train_on_a_streamed_image_folder_like_one(tmp_path):
+    folder = write_image_folder(tmp_path / "images", seed=0)  # 3 classes x (6 train, 3 val)
+    common = [
+        *streamed_folder_command(folder),
         "--config.num_train_steps=2", "--config.log_every_steps=1", "--config.eval_every_steps=2",
         "--config.checkpoint_every_steps=2", "--config.tensorboard=false",
     ]
