@@ -62,7 +62,6 @@ def test_the_torchvision_snippet_runs_on_a_saved_state_dict(tmp_path, monkeypatc
     assert np.shape(names["variables"]["params"]["fc"]["kernel"]) == (2048, 1000)
 
 
-
 def test_the_nnx_snippet_trains_batch_norm_as_linen_does_and_evaluates_with_it():
     """The NNX module's train step moves its BN statistics exactly as Linen's mutable apply does."""
     from flax import nnx
@@ -78,7 +77,7 @@ def test_the_nnx_snippet_trains_batch_norm_as_linen_does_and_evaluates_with_it()
     rj, x, after = names["rj"], names["x"], linen_variables(names["model"])
     linen = rj.create_model("resnet20", num_classes=10)
     _, updates = linen.apply(before, x, train=True, mutable=["batch_stats"])
-    leaves = lambda tree: jax.tree_util.tree_leaves(tree)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves
     assert all(np.asarray(leaf).any() for leaf in leaves(updates["batch_stats"]))  # they moved
     for got, want in zip(leaves(after["batch_stats"]), leaves(updates["batch_stats"]), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
