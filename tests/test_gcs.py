@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, integrity
 from resnet_jax.plot import plot_curves, read_metrics
 from resnet_jax.workdir import workdir_path
 from tests.fake_data import write_graded_fashion_mnist
@@ -98,9 +98,11 @@ def test_a_killed_run_resumes_and_evaluates_from_a_gs_workdir(emulator, data_dir
     assert returncode == -signal.SIGKILL, stderr[-3000:]
     with checkpoint.manager(workdir, read_only=True) as mngr:
         saved = mngr.all_steps()  # on GCS a step counts once its commit_success.txt is there
-    assert saved and 8 <= max(saved) < 40  # killed part-way, after a checkpoint
+    # Intact: with its checksums recorded too (a step's record may come after its commit, or never).
+    intact = [step for step in saved if integrity.record_path(workdir, step).exists()]
+    assert intact and 8 <= max(intact) and max(saved) < 40  # killed part-way, after a checkpoint
     out = run_train(data_dir, workdir)
-    assert f"resuming at step {max(saved)}" in out.stdout
+    assert f"resuming at step {max(intact)}" in out.stdout
     assert_same_run(workdir, reference)  # metrics.jsonl too: the killed run's tail was dropped
 
     evaluated = subprocess.run(
