@@ -78,8 +78,8 @@ def prepare_process() -> None:
 def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],
         parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse flags and run `main(args, overrides)`, turning user errors into messages."""
-    prepare_process()
     try:
+        prepare_process()
         rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(rest)
         main(args, overrides)

@@ -99,13 +99,22 @@ class PreemptionWatcher:
 
 def _abort(mngr: checkpoint.Manager | None) -> None:
     """The second Ctrl-C: end the process now (its input workers, which ignore the signal, end
-    with it). A save in flight never counts (Orbax commits a checkpoint by renaming it into
-    place), so the last finished one, if any, is where a rerun resumes."""
-    if mngr is None:  # still setting up: the workdir's checkpoints are not read yet
-        where = "rerun the same command to resume from the run's last checkpoint, if it has one"
-    elif mngr.finished_step is None:
-        where = "no checkpoint was saved yet, so rerunning the same command starts from scratch"
-    else:
-        where = f"rerun the same command to resume from the checkpoint of step {mngr.finished_step}"
-    print(f"\ninterrupted again: stopped at once; {where}", file=sys.stderr, flush=True)
+    with it), saying where a rerun resumes."""
+    print(f"\ninterrupted again: stopped at once; {rerun_hint(mngr)}", file=sys.stderr, flush=True)
     os._exit(ABORTED_EXIT_STATUS)
+
+
+def rerun_hint(mngr: checkpoint.Manager | None) -> str:
+    """Where a rerun resumes, by `mngr`'s saves (None: the workdir is not read yet). A save in
+    flight never counts (Orbax commits a checkpoint by renaming it into place), so the last
+    finished one, if any, is where a rerun resumes; of a save under way only the next save
+    or a wait would tell that it has finished."""
+    if mngr is None:  # still setting up: the workdir's checkpoints are not read yet
+        return "rerun the same command to resume from the run's last checkpoint, if it has one"
+    if mngr.unfinished_step is not None:
+        before = f"from that of step {mngr.finished_step}" if mngr.finished_step else "from scratch"
+        return (f"rerunning the same command resumes from the checkpoint of step {mngr.unfinished_step} "
+                f"if its save had finished, else {before}")
+    if mngr.finished_step is None:
+        return "no checkpoint was saved yet, so rerunning the same command starts from scratch"
+    return f"rerun the same command to resume from the checkpoint of step {mngr.finished_step}"
