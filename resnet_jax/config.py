@@ -40,6 +40,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.backend import CONV_PATHS
+from resnet_jax.data.dali import INSTALL as DALI_INSTALL
 from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import DATASETS, SPLITS, num_classes
 from resnet_jax.models import SHORTCUTS, model_spec
@@ -54,6 +55,8 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 # Small datasets are augmented on the device, streamed ones on the host: each has its own.
 IN_MEMORY_AUGMENTATIONS = ("pad_crop_flip", "none")
 STREAMED_AUGMENTATIONS = ("scale_crop_flip", "random_resized_crop", "none")
+# What decodes streamed datasets: Grain's host workers, or DALI on NVIDIA GPUs (data/dali.py).
+LOADERS = ("grain", "dali")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel_mean_std")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -127,6 +130,9 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
             # worker_buffer_size + 2) (`stream.PipelineOptions.examples_ahead`).
             num_workers=Logistics(-1), prefetch_batches=Logistics(2), read_threads=Logistics(2),
             read_buffer_size=Logistics(4), worker_buffer_size=Logistics(4),
+            # Streamed datasets: "grain" (host workers) or "dali" (GPU decoding; the same
+            # images and views, the pixels to the resampler's rounding, so a run may switch).
+            loader=Logistics("grain"),
         )
     )
     config.batch_size = 128
@@ -609,6 +615,12 @@ def _check_dataset(dataset: ml_collections.ConfigDict) -> None:
              "an integer >= 1")
     _require(dataset.prefetch_batches >= 1, "dataset.prefetch_batches", dataset.prefetch_batches,
              "an integer >= 1")
+    _require(dataset.loader in LOADERS, "dataset.loader", dataset.loader,
+             f"'grain' (the default: decoding on the host) or 'dali' (decoding on NVIDIA GPUs, "
+             f"{DALI_INSTALL})")
+    _require(streamed or dataset.loader == "grain", "dataset.loader", dataset.loader,
+             f"'grain' for {name}, which lives on the devices; 'dali' reads the streamed datasets "
+             f"({', '.join(STREAMED_DATASETS)})")
 
 
 def _pair(dataset: ml_collections.ConfigDict, key: str, kind: type) -> tuple:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -49,6 +50,19 @@ def decode_image(data: bytes, what: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{what}: unreadable image ({type(error).__name__}: {error})") from None
+
+
+def header_image_shape(file: str | os.PathLike[str] | BinaryIO, what: str) -> tuple[int, int]:
+    """(height, width) of a JPEG or PNG (a path or an open file) from its header, without
+    reading or decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{what}: unreadable image ({type(error).__name__}: {error})") from None
+    return height, width
 
 
 class ImageFolder:
@@ -95,24 +109,20 @@ class ImageFolder:
         return self.files[index]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        data, label = self.encoded(index)
+        return decode_image(data, self.files[index]), label
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        """The file's bytes, undecoded, and its label."""
         path = self.files[index]
         try:
-            data = Path(path).read_bytes()
+            return Path(path).read_bytes(), int(self.labels[index])
         except OSError as error:
             raise DataError(f"{path}: cannot be read ({error})") from None
-        return decode_image(data, path), int(self.labels[index])
 
     def image_shape(self, index: int) -> tuple[int, int]:
         """(height, width) from the file's header, without decoding the pixels."""
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-            raise DataError(f"{path}: unreadable image ({type(error).__name__}: {error})") from None
-        return height, width
+        return header_image_shape(self.files[index], self.files[index])
 
 
 class TfdsRecords:
