@@ -554,13 +554,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def check_evaluation(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Refuse an eval batch or worker count that cannot run on `num_devices`: the keys
-    evaluate.py may override at evaluation time (a run evaluated on other devices)."""
+    """Refuse an eval batch, worker count or loader that cannot run on `num_devices`: the
+    keys evaluate.py may override at evaluation time (a run evaluated on other devices)."""
     _require(config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0, "eval_batch_size",
              config.eval_batch_size, f"a positive multiple of the device count ({num_devices})")
     _require(config.dataset.num_workers >= -1, "dataset.num_workers", config.dataset.num_workers,
              "-1 (the CPUs this process may use, shared among the host's training processes), "
              "0 (in the main process) or a number of processes")
+    loader, name = config.dataset.loader, config.dataset.name
+    _require(loader in LOADERS, "dataset.loader", loader,
+             f"'grain' (the default: decoding on the host) or 'dali' (decoding on NVIDIA GPUs, "
+             f"{DALI_INSTALL})")
+    _require(name in STREAMED_DATASETS or loader == "grain", "dataset.loader", loader,
+             f"'grain' for {name}, which lives on the devices; 'dali' reads the streamed datasets "
+             f"({', '.join(STREAMED_DATASETS)})")
 
 
 def _check_dataset(dataset: ml_collections.ConfigDict) -> None:
@@ -615,12 +622,6 @@ def _check_dataset(dataset: ml_collections.ConfigDict) -> None:
              "an integer >= 1")
     _require(dataset.prefetch_batches >= 1, "dataset.prefetch_batches", dataset.prefetch_batches,
              "an integer >= 1")
-    _require(dataset.loader in LOADERS, "dataset.loader", dataset.loader,
-             f"'grain' (the default: decoding on the host) or 'dali' (decoding on NVIDIA GPUs, "
-             f"{DALI_INSTALL})")
-    _require(streamed or dataset.loader == "grain", "dataset.loader", dataset.loader,
-             f"'grain' for {name}, which lives on the devices; 'dali' reads the streamed datasets "
-             f"({', '.join(STREAMED_DATASETS)})")
 
 
 def _pair(dataset: ml_collections.ConfigDict, key: str, kind: type) -> tuple:

@@ -26,7 +26,8 @@ OPTIONAL_GROUPS = {
         "make test REQUIRE=grain installs grain and pillow",
     ),
     "dali": (
-        lambda: all(importlib.util.find_spec(m) is not None for m in ("nvidia.dali", "PIL")),
+        # In order: finding nvidia.dali imports nvidia, which must be there.
+        lambda: all(importlib.util.find_spec(m) is not None for m in ("nvidia", "nvidia.dali", "PIL")),
         "make test REQUIRE=dali installs NVIDIA DALI (pip install -e '.[dali]')",
     ),
     "fashion_mnist": (
