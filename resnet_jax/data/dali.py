@@ -15,8 +15,9 @@ offset, a quarter of float32's bytes.
 One DALI pipeline per device of this process, each fed its device's share of every batch
 (`stream._Positions` over the devices: shard `index` of `num_devices` in mesh order, so
 process p holds the shards of its devices, as `shard_id`/`num_shards` would say). Each
-pipeline's outputs stay on its device (dlpack, no host copy on a GPU; `device_put` on the
-CPU) and become one global `jax.Array` per name with the mesh's batch sharding
+pipeline's views stay on its GPU (dlpack: no host copy; the few bytes of labels, masks and
+offsets per image are copied from the host, as on the CPU, where everything is), and become
+one global `jax.Array` per name with the mesh's batch sharding
 (`jax.make_array_from_single_device_arrays`), what `nvidia.dali.plugin.jax`'s iterator does
 with `sharding=`; this one is fed by the host's plan rather than by a DALI reader, which
 is what makes a batch a function of (seed, step) and a resume exact.
@@ -126,8 +127,12 @@ def _eval_graph(fn, types, feed: EvalFeed, s: _Settings, device: str) -> dict:
 
 
 def _to_jax(tensors, device: jax.Device) -> jax.Array:
-    """A pipeline output (a batch of equal-shaped samples) as an array on `device`."""
-    if device.platform == "gpu":  # DALI decoded on this GPU: the array wraps its memory
+    """A pipeline output (a batch of equal-shaped samples) as an array on `device`: views
+    decoded on this GPU wrap DALI's memory (dlpack); outputs in host memory (the CPU's views,
+    and the labels, masks, offsets and sizes the host fed in) are copied there."""
+    from nvidia.dali.tensors import TensorListGPU
+
+    if isinstance(tensors, TensorListGPU):
         return jax.dlpack.from_dlpack(tensors.as_tensor(), device=device)
     return jax.device_put(tensors.as_array(), device)
 
@@ -156,8 +161,6 @@ class DeviceBatches:
                 prefetch_queue_depth=prefetch, exec_dynamic=True)
             with pipeline:
                 outputs = graph(fn, types, feed_for(positions), settings, device_kind)
-                if device_kind == "mixed":  # labels, masks and offsets join the views on the GPU
-                    outputs = {name: node.gpu() for name, node in outputs.items()}
                 pipeline.set_outputs(*outputs.values())
             try:
                 pipeline.build()
