@@ -326,3 +326,36 @@ def test_a_model_scores_the_same_error_through_either_loader(dali_run, tmp_path,
     assert 0 < scored["grain"]["error"] < 1
     assert abs(scored["grain"]["error"] - scored["dali"]["error"]) <= 1 / 36
     assert scored["dali"]["loss"] == pytest.approx(scored["grain"]["loss"], rel=1e-3)
+
+
+class PreparedSplit:
+    """What `tfds.data_source` reads from a prepared image split, made here from JPEGs: records
+    with the image decoded, or as stored with `decoders={"image": SkipDecoding()}` (what it
+    does on real ArrayRecord files; its mock data needs tensorflow to encode JPEGs)."""
+
+    def __init__(self, folder, split, skip_decoding):
+        self.files = image_records.ImageFolder(folder, split)
+        self.skip_decoding = skip_decoding
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        data, label = self.files.encoded(index)
+        image = data if self.skip_decoding else image_records.decode_image(data, "?")
+        return {"image": image, "label": label}
+
+
+@pytest.mark.dali
+@pytest.mark.tfds
+@pytest.mark.grain
+def test_a_prepared_tfds_split_trains_and_scores_alike_through_either_loader(folder, tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    split_folder = {"train": "train", "validation": "validation"}
+    monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir=None, decoders=None: PreparedSplit(
+        folder, split_folder[split], skip_decoding=decoders is not None))
+    result = train_and_evaluate(dali_config("", name="imagenette"), tmp_path)
+    grain = evaluate_workdir(tmp_path, loader="grain")
+    assert grain["num_examples"] == 9 and grain["error"] == result["eval_error"]
+    assert grain["loss"] == pytest.approx(result["eval_loss"], rel=1e-3)

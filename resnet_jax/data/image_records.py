@@ -1,6 +1,7 @@
 """Large image datasets (ImageNet) as random-access records, read one image at a time.
 
 A record source has `len()`, `source[i] -> (uint8 RGB image (H, W, 3), label)`,
+`encoded(i) -> (the image's file bytes, label)` (what the DALI loader decodes itself),
 `image_shape(i) -> (H, W)` (multi-scale testing groups images by shape before reading
 them), `num_classes` and `describe(i)` (what to name in an error). Sources are picklable, so
 the input pipeline's worker processes each get a copy. Two kinds:
@@ -135,8 +136,9 @@ class TfdsRecords:
             raise DataError(
                 f"{name} is read through tensorflow-datasets ({error}): pip install -e '.[tfds,stream]'"
             ) from None
-        self.name, self.split = name, split
+        self.name, self.split, self.data_dir = name, split, data_dir
         self.num_classes = STREAMED_NUM_CLASSES[name]
+        self._encoded_records = None
         try:
             self.records = tfds.data_source(name, split=split, data_dir=data_dir)
         except Exception as error:  # noqa: BLE001 - TFDS raises many kinds; all mean "not prepared"
@@ -167,6 +169,19 @@ class TfdsRecords:
     def image_shape(self, index: int) -> tuple[int, int]:
         """(height, width), decoding the record (TFDS stores no size beside the image)."""
         return self[index][0].shape[:2]
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        """The record's image as stored (ImageNet's JPEG), undecoded, and its label."""
+        if self._encoded_records is None:  # a second view of the same files, opened on first use
+            import tensorflow_datasets as tfds
+
+            self._encoded_records = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                                                     decoders={"image": tfds.decode.SkipDecoding()})
+        try:
+            record = self._encoded_records[index]
+        except Exception as error:  # noqa: BLE001 - a damaged record: name it, whatever broke
+            raise DataError(f"{self.describe(index)}: unreadable ({type(error).__name__}: {error})") from None
+        return bytes(record["image"]), int(record["label"])
 
 
 def open_split(name: str, split: str, data_dir: str | None, classes: tuple[str, ...] | None = None):
