@@ -14,6 +14,7 @@ darker); a crop's box by at most 0.25 pixels (measured: 0); a model's error by a
 one image of the set, its loss by 0.1% (measured: the same errors, losses within 0.02%).
 """
 
+import io
 import os
 import shutil
 import subprocess
@@ -93,6 +94,23 @@ def test_loader_dali_without_dali_is_one_paragraph_naming_the_install_command_be
     assert line.startswith("error: dataset.loader = 'dali' needs NVIDIA DALI, which cannot be imported here")
     assert "pip install -e '.[dali]'" in line and "--config.dataset.loader=grain" in line
     assert "compiling" not in out.stdout and not workdir.exists()
+
+
+@pytest.mark.parametrize("mode, save", [
+    ("RGB", dict(format="JPEG")), ("L", dict(format="JPEG")), ("CMYK", dict(format="JPEG")),
+    ("RGB", dict(format="JPEG", progressive=True)),
+    ("RGB", dict(format="JPEG", exif=b"Exif\x00\x00" + bytes(40))),
+    ("RGB", dict(format="PNG")), ("L", dict(format="PNG")),
+    ("RGB", dict(format="BMP")), ("RGB", dict(format="WEBP")),  # read by Pillow
+])
+def test_image_sizes_are_read_from_the_encoded_header_as_pillow_reads_them(mode, save):
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.new(mode, (37, 23)).save(encoded, **save)
+    assert image_records.encoded_image_shape(encoded.getvalue(), "image") == (23, 37)
+    with pytest.raises(DataError, match=r"^image: unreadable image"):
+        image_records.encoded_image_shape(encoded.getvalue()[:12], "image")
 
 
 def test_dali_decodes_on_gpus_and_the_cpu_and_refuses_tpus():

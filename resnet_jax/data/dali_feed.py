@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import math
 
 import numpy as np
 
 from resnet_jax.data import augment
-from resnet_jax.data.image_records import header_image_shape
+from resnet_jax.data.image_records import encoded_image_shape
 from resnet_jax.data.sources import DataError
 from resnet_jax.data.stream import _Positions, _Settings, _skipped, epoch_share
 
@@ -105,7 +104,7 @@ class _Records:
 
     def __call__(self, index: int) -> tuple[np.ndarray, int, int, int]:
         data, label = self.source.encoded(index)
-        height, width = header_image_shape(io.BytesIO(data), self.source.describe(index))
+        height, width = encoded_image_shape(data, self.source.describe(index))
         return np.frombuffer(data, np.uint8), label, height, width
 
 
