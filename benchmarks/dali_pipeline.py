@@ -40,7 +40,8 @@ def feed_rate(config, batches: int) -> float:
     from resnet_jax.data import dali_feed, image_records, stream
 
     train = image_records.ImageFolder(config.dataset.data_dir, "train")
-    feed = dali_feed.TrainFeed(train, stream._Settings.of(config), stream._Positions(config.batch_size, 0, 1), 0)
+    positions = stream._Positions(config.batch_size, 0, 1)
+    feed = dali_feed.TrainFeed(train, stream._Settings.of(config), positions, start_step=0)
 
     class Info:
         iteration = 0
@@ -69,11 +70,13 @@ def pipeline_rate(config, batches: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="DALI CPU threads per host")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--batches", type=int, default=4, help="timed batches per thread count")
-    parser.add_argument("--augment", default="scale_crop_flip", choices=("scale_crop_flip", "random_resized_crop"))
+    parser.add_argument("--augment", default="scale_crop_flip",
+                        choices=("scale_crop_flip", "random_resized_crop"))
     parser.add_argument("--images", type=int, default=512, help="JPEGs in the generated folder")
     args = parser.parse_args()
     import jax
@@ -81,8 +84,9 @@ def main() -> None:
 
     device = jax.devices()[0]
     print(f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, "
-          f"{jax.device_count()} x {device.device_kind}; python {platform.python_version()}, jax {jax.__version__}, "
-          f"DALI {dali.__version__}; batch {args.batch}, {args.augment}, 500x375 JPEG -> 224")
+          f"{jax.device_count()} x {device.device_kind}; python {platform.python_version()}, "
+          f"jax {jax.__version__}, DALI {dali.__version__}; batch {args.batch}, {args.augment}, "
+          "500x375 JPEG -> 224")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_jpegs(Path(tmp), args.images)
         plan = feed_rate(config_for(data_dir, args.augment, 1, args.batch, args.batches), args.batches)
@@ -91,7 +95,8 @@ def main() -> None:
         print("|---|---|---|")
         rates = {}
         for threads in args.threads:
-            rate = pipeline_rate(config_for(data_dir, args.augment, threads, args.batch, args.batches), args.batches)
+            config = config_for(data_dir, args.augment, threads, args.batch, args.batches)
+            rate = pipeline_rate(config, args.batches)
             rates[threads] = rate
             print(f"| {threads} | {rate:.0f} | {rate / threads:.0f} |", flush=True)
     print(json.dumps({"device": device.device_kind, "platform": device.platform, "augment": args.augment,
