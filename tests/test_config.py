@@ -117,6 +117,8 @@ def test_a_config_reading_local_files_needs_nothing_installed(tmp_path):
     config = load("imagenet.py:resnet50")
     config.dataset.name, config.dataset.data_dir = "image_folder", str(tmp_path)
     assert installs.needed(config, debian_dir_exists=False) == ["extra:stream"]
+    config.dataset.loader = "dali"
+    assert installs.needed(config, debian_dir_exists=False) == ["extra:dali"]
 
 
 @pytest.mark.parametrize("old, new, shortcut", [

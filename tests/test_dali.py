@@ -17,6 +17,7 @@ one image of the set, its loss by 0.1% (measured: the same errors, losses within
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -33,6 +34,13 @@ from resnet_jax.parallel import data_parallel
 from resnet_jax.train import train_and_evaluate
 from tests.fake_data import COORDINATE_STEP, write_coordinate_folder, write_image_folder
 from tests.test_imagenet import REPO_ROOT, SMALL_SIZES, metrics_lines, small_config
+from tests.test_reliability import (
+    assert_same_run,
+    await_group_exit,
+    final_state,
+    preempted_step,
+    streamed_command,
+)
 
 # Levels (of 255) by which the loaders' views may differ: a pixel, a pixel of a mean image,
 # and all pixels on average.
@@ -377,3 +385,32 @@ def test_a_prepared_tfds_split_trains_and_scores_alike_through_either_loader(fol
     grain = evaluate_workdir(tmp_path, loader="grain")
     assert grain["num_examples"] == 9 and grain["error"] == result["eval_error"]
     assert grain["loss"] == pytest.approx(result["eval_loss"], rel=1e-3)
+
+
+@pytest.mark.dali
+def test_sigterm_to_the_whole_group_during_a_dali_evaluation_saves_the_step_and_resumes_exactly(
+        folder, tmp_path):
+    """As a scheduler signals every process of a job, while DALI's pipelines (and their
+    threads) decode the step-10 evaluation: the run saves the step it reached, exits 0, and
+    resumed ends as an uninterrupted run does."""
+    def command(workdir):
+        return [*streamed_command(folder, workdir), "--config.dataset.loader=dali"]
+
+    uninterrupted = tmp_path / "uninterrupted"
+    subprocess.run(command(uninterrupted), cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(command(workdir), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout = []
+    for line in process.stdout:  # ends when train.py does, so cannot wait forever
+        stdout.append(line)
+        if line.startswith("step 10/40  train_loss"):  # the evaluation starts
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    rest, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    await_group_exit(process.pid)
+    step = preempted_step("".join(stdout) + rest, workdir)
+    resumed = subprocess.run(command(workdir), cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert f"resuming at step {step}" in resumed.stdout
+    assert_same_run(workdir, (uninterrupted, final_state(uninterrupted)), same_log_intervals=step % 2 == 0)
