@@ -414,3 +414,13 @@ def test_sigterm_to_the_whole_group_during_a_dali_evaluation_saves_the_step_and_
     resumed = subprocess.run(command(workdir), cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert f"resuming at step {step}" in resumed.stdout
     assert_same_run(workdir, (uninterrupted, final_state(uninterrupted)), same_log_intervals=step % 2 == 0)
+
+
+@pytest.mark.dali
+def test_a_pipeline_dali_cannot_start_is_one_paragraph_naming_the_device_and_the_way_out(folder, monkeypatch):
+    # As on a GPU whose driver DALI's CUDA 12 build cannot use: here, GPU decoding asked of the CPU.
+    monkeypatch.setattr(dali, "decoder_device", lambda platform: "mixed")
+    with pytest.raises(DataError, match=r"^DALI could not start its pipeline on .*\(.+\); pip install -e "
+                                        r"'\.\[dali\]' installs DALI's CUDA 12 build, which needs an NVIDIA "
+                                        r"driver for CUDA 12, or use the default loader"):
+        opened(loader_config(folder, "dali"))

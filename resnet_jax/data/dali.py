@@ -155,15 +155,15 @@ class DeviceBatches:
         self.pipelines, self.names = [], None
         for device in self.devices:
             positions = _Positions(batch_size, first_row[device] // per_device, parallel.num_devices)
-            pipeline = dali.Pipeline(
-                batch_size=per_device, num_threads=max(1, threads // len(self.devices)),
-                device_id=device.local_hardware_id if device.platform == "gpu" else None,
-                prefetch_queue_depth=prefetch, exec_dynamic=True)
-            with pipeline:
-                outputs = graph(fn, types, feed_for(positions), settings, device_kind)
-                pipeline.set_outputs(*outputs.values())
             try:
-                pipeline.build()
+                pipeline = dali.Pipeline(
+                    batch_size=per_device, num_threads=max(1, threads // len(self.devices)),
+                    device_id=device.local_hardware_id if device.platform == "gpu" else None,
+                    prefetch_queue_depth=prefetch, exec_dynamic=True)
+                with pipeline:
+                    outputs = graph(fn, types, feed_for(positions), settings, device_kind)
+                    pipeline.set_outputs(*outputs.values())
+                pipeline.build()  # where CUDA and the decoders start
             except RuntimeError as error:
                 raise DataError(
                     f"DALI could not start its pipeline on {device} ({str(error).splitlines()[0][:300]}); "
