@@ -107,18 +107,31 @@ def test_loader_dali_without_dali_is_one_paragraph_naming_the_install_command_be
 @pytest.mark.parametrize("mode, save", [
     ("RGB", dict(format="JPEG")), ("L", dict(format="JPEG")), ("CMYK", dict(format="JPEG")),
     ("RGB", dict(format="JPEG", progressive=True)),
-    ("RGB", dict(format="JPEG", exif=b"Exif\x00\x00" + bytes(40))),
-    ("RGB", dict(format="PNG")), ("L", dict(format="PNG")),
-    ("RGB", dict(format="BMP")), ("RGB", dict(format="WEBP")),  # read by Pillow
+    ("RGB", dict(format="JPEG", exif=b"Exif\x00\x00" + bytes(40))), ("RGB", dict(format="PNG")),
+    ("L", dict(format="PNG")), ("RGBA", dict(format="PNG")),
 ])
-def test_image_sizes_are_read_from_the_encoded_header_as_pillow_reads_them(mode, save):
+def test_image_sizes_are_read_from_the_header_of_a_complete_jpeg_or_png(mode, save):
     from PIL import Image
 
     encoded = io.BytesIO()
     Image.new(mode, (37, 23)).save(encoded, **save)
-    assert image_records.encoded_image_shape(encoded.getvalue(), "image") == (23, 37)
+    data = encoded.getvalue()
+    assert dali_feed.encoded_image_shape(data, "image") == (23, 37)
+    assert dali_feed.encoded_image_shape(data + bytes(100), "image") == (23, 37)  # padded: still whole
+    with pytest.raises(DataError, match=r"^image: unreadable image \(a (JPEG|PNG) without its .*cut short"):
+        dali_feed.encoded_image_shape(data[:-12], "image")  # as a download or copy cut short
     with pytest.raises(DataError, match=r"^image: unreadable image"):
-        image_records.encoded_image_shape(encoded.getvalue()[:12], "image")
+        dali_feed.encoded_image_shape(data[:12], "image")
+
+
+@pytest.mark.parametrize("save", [dict(format="BMP"), dict(format="GIF"), dict(format="WEBP")])
+def test_other_formats_are_unreadable_images_for_the_dali_loader(save):
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (37, 23)).save(encoded, **save)
+    with pytest.raises(DataError, match=r"^image: unreadable image \(neither JPEG nor PNG: it begins b'"):
+        dali_feed.encoded_image_shape(encoded.getvalue(), "image")
 
 
 def test_dali_decodes_on_gpus_and_the_cpu_and_refuses_tpus():
@@ -230,10 +243,16 @@ def test_training_batches_are_a_function_of_seed_and_step(folder):
 
 
 @pytest.mark.dali
-def test_an_unreadable_image_is_an_error_naming_it_or_skipped_and_counted(folder, tmp_path, capsys):
+@pytest.mark.parametrize("name, damage", [
+    ("002.jpg", lambda data: b"not a jpeg"),
+    ("002.jpg", lambda data: data[:len(data) // 2]),  # cut short: DALI's decoder would crash on it
+    ("001.png", lambda data: data[:len(data) // 2]),
+])
+def test_an_unreadable_image_is_an_error_naming_it_or_skipped_and_counted(folder, tmp_path, capsys, name,
+                                                                          damage):
     root = shutil.copytree(folder, tmp_path / "copy")
-    broken = root / "train" / "class_1" / "002.jpg"
-    broken.write_bytes(b"not a jpeg")
+    broken = root / "train" / "class_1" / name
+    broken.write_bytes(damage(broken.read_bytes()))
     with pytest.raises(DataError, match=rf"{broken}: unreadable image"):
         opened(loader_config(root, "dali", augment="none"))
     data = opened(loader_config(root, "dali", augment="none", skip_unreadable=True))

@@ -1,6 +1,6 @@
 """The DALI input loader for GPU nodes (`dataset.loader = "dali"`): decode and resample
-on the GPU, where the host's cores would take 130-230 of them to feed ResNet-50 at MLPerf's
-rate on 8 GPUs.
+on the GPU, whose training step outruns the host's cores decoding for it (their rates:
+benchmarks/RESULTS.md).
 
 NVIDIA DALI (`pip install -e '.[dali]'`, imported only here) decodes the JPEGs with
 nvJPEG (`device="mixed"`: on the GPU and its hardware decoder; `"cpu"` with libjpeg-turbo
@@ -200,7 +200,7 @@ class DaliData:
 
     def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
         _dali()  # refuse early, with how to install it
-        self.decoder = decoder_device(parallel.mesh.devices.flat[0].platform)
+        decoder_device(parallel.mesh.devices.flat[0].platform)  # and on devices DALI does not feed
         d = config.dataset
         self.config, self.parallel = config, parallel
         self.settings = _Settings.of(config)

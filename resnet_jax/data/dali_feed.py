@@ -26,11 +26,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import struct
 
 import numpy as np
 
 from resnet_jax.data import augment
-from resnet_jax.data.image_records import encoded_image_shape
 from resnet_jax.data.sources import DataError
 from resnet_jax.data.stream import _Positions, _Settings, _skipped, epoch_share
 
@@ -94,6 +94,43 @@ def center_window(height: int, width: int, s: _Settings) -> Window:
     top, left = augment.five_crop_corners(new_height, new_width, s.image_size)[-1]
     box = crop_of_resized(height, width, s.eval_resize, top, left, s.image_size)
     return window(height, width, box, (s.image_size, s.image_size))
+
+
+# JPEG's start-of-frame markers (every one from 0xC0 to 0xCF but DHT, JPG and DAC), which
+# hold the image's height and width, and the markers that stand alone, without a length.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encoded_image_shape(data: bytes, what: str) -> tuple[int, int]:
+    """(height, width) of a complete JPEG or PNG, from its header's bytes (a microsecond;
+    Pillow's parser takes about 60); a DataError naming `what` for anything else: another
+    format, a header without a size, or a file cut short (a JPEG without its end-of-image
+    marker after the frame header, a PNG without its IEND chunk). DALI must not be handed
+    those: its CPU decoders (2.4) crash the process on one in a batch of more than 32."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
+        if data.rfind(b"IEND") < 0:
+            raise DataError(f"{what}: unreadable image (a PNG without its IEND chunk: cut short)")
+        width, height = struct.unpack_from(">II", data, 16)
+        return height, width
+    if data[:2] != b"\xff\xd8":
+        raise DataError(f"{what}: unreadable image (neither JPEG nor PNG: it begins {data[:8]!r})")
+    at = 2
+    while at + 9 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in _JPEG_FRAMES:
+            height, width = struct.unpack_from(">HH", data, at + 5)
+            if not (height and width):
+                break
+            if data.rfind(b"\xff\xd9") < at:  # entropy-coded data holds no FF D9: only the end does
+                raise DataError(f"{what}: unreadable image (a JPEG without its end-of-image marker: "
+                                "cut short)")
+            return height, width
+        # A fill byte, a marker without a length, or a segment with one.
+        at += 1 if marker == 0xFF else 2 if marker in _JPEG_STANDALONE else 2 + int.from_bytes(
+            data[at + 2:at + 4], "big")
+    raise DataError(f"{what}: unreadable image (a JPEG whose header gives no image size)")
 
 
 class _Records:

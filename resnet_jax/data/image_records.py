@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,35 +63,6 @@ def header_image_shape(file: str | os.PathLike[str] | BinaryIO, what: str) -> tu
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{what}: unreadable image ({type(error).__name__}: {error})") from None
     return height, width
-
-
-# JPEG's start-of-frame markers (every one from 0xC0 to 0xCF but DHT, JPG and DAC), which
-# hold the image's height and width; and the markers that stand alone, without a length.
-_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def encoded_image_shape(data: bytes, what: str) -> tuple[int, int]:
-    """(height, width) of an encoded image: JPEG and PNG from their headers' bytes directly
-    (a microsecond; Pillow parses the whole header, tables and all, in about 60), anything
-    else, or a header that does not parse, by Pillow (which names what is wrong)."""
-    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
-        width, height = struct.unpack_from(">II", data, 16)
-        return height, width
-    if data[:2] == b"\xff\xd8":
-        at = 2
-        while at + 9 <= len(data) and data[at] == 0xFF:
-            marker = data[at + 1]
-            if marker in _JPEG_FRAMES:
-                height, width = struct.unpack_from(">HH", data, at + 5)
-                if height and width:
-                    return height, width
-                break
-            # A fill byte, a marker without a length, or a segment with one.
-            at += 1 if marker == 0xFF else 2 if marker in _JPEG_STANDALONE else 2 + int.from_bytes(
-                data[at + 2:at + 4], "big")
-    return header_image_shape(io.BytesIO(data), what)
 
 
 class ImageFolder:
