@@ -15,6 +15,7 @@ one image of the set, its loss by 0.1% (measured: the same errors, losses within
 """
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from resnet_jax.parallel import data_parallel
 from resnet_jax.train import train_and_evaluate
 from tests.fake_data import COORDINATE_STEP, write_coordinate_folder, write_image_folder
 from tests.test_imagenet import REPO_ROOT, SMALL_SIZES, metrics_lines, small_config
+from tests.test_multihost import finish, free_port, launch, launch_two, lines
 from tests.test_reliability import (
     assert_same_run,
     await_group_exit,
@@ -443,3 +445,35 @@ def test_a_pipeline_dali_cannot_start_is_one_paragraph_naming_the_device_and_the
                                         r"'\.\[dali\]' installs DALI's CUDA 12 build, which needs an NVIDIA "
                                         r"driver for CUDA 12, or use the default loader"):
         opened(loader_config(folder, "dali"))
+
+
+@pytest.mark.dali
+def test_two_processes_train_and_evaluate_through_dali_like_one(folder, tmp_path):
+    """Each process decodes the shares of its own devices (2 of the 4): the same batches,
+    hence the same first step, as one process with all 4; and multi-scale testing in two
+    processes scores as in one."""
+    common = [
+        "train.py", "--config=configs/imagenet.py:resnet18", "--config.model.name=resnet8",
+        "--config.dataset.name=image_folder", f"--config.dataset.data_dir={folder}",
+        "--config.dataset.image_size=16", "--config.dataset.scale_range=20,24",
+        "--config.dataset.eval_resize=20", "--config.dataset.loader=dali",
+        "--config.dataset.num_workers=0", "--config.batch_size=8", "--config.eval_batch_size=8",
+        "--config.num_train_steps=2", "--config.log_every_steps=1", "--config.eval_every_steps=2",
+        "--config.checkpoint_every_steps=2", "--config.tensorboard=false",
+    ]
+    single = tmp_path / "single"
+    finish(launch([*common, f"--workdir={single}"], devices=4))
+    multi = tmp_path / "multi"
+    assert "4 device(s)" in [finish(p) for p in launch_two(common, multi)][0]
+    single_lines, multi_lines = lines(single), lines(multi)
+    assert [line["step"] for line in multi_lines] == [line["step"] for line in single_lines]
+    assert multi_lines[0]["train_loss"] == pytest.approx(single_lines[0]["train_loss"], abs=1e-5)
+
+    evaluate = ["evaluate.py", f"--workdir={multi}", "--mode=multi_scale"]
+    alone = json.loads(finish(launch(evaluate, devices=4)).splitlines()[-1])
+    address = f"127.0.0.1:{free_port()}"
+    together = [launch([*evaluate, f"--coordinator_address={address}", "--num_processes=2",
+                        f"--process_id={i}"], devices=2) for i in range(2)]
+    result = json.loads([finish(p) for p in together][0].splitlines()[-1])
+    assert result["num_examples"] == alone["num_examples"] == 9
+    assert result["error"] == alone["error"] and result["loss"] == pytest.approx(alone["loss"], rel=1e-5)
