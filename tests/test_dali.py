@@ -102,7 +102,8 @@ def test_loader_dali_without_dali_is_one_paragraph_naming_the_install_command_be
     assert out.returncode == 2, out.stderr[-3000:]
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("error: dataset.loader = 'dali' needs NVIDIA DALI, which cannot be imported here")
-    assert "pip install -e '.[dali]'" in line and "--config.dataset.loader=grain" in line
+    assert "pip install -e '.[dali]'" in line and line.endswith(
+        "--config.dataset.loader=grain (evaluate.py: --loader=grain)")
     assert "compiling" not in out.stdout and not workdir.exists()
 
 
@@ -139,7 +140,7 @@ def test_other_formats_are_unreadable_images_for_the_dali_loader(save):
 def test_dali_decodes_on_gpus_and_the_cpu_and_refuses_tpus():
     assert (dali.decoder_device("gpu"), dali.decoder_device("cpu")) == ("mixed", "cpu")
     with pytest.raises(DataError, match=r"devices are TPUs: on them the host pipeline is the loader, "
-                                        r"--config\.dataset\.loader=grain"):
+                                        r"--config\.dataset\.loader=grain \(evaluate\.py: --loader=grain\)"):
         dali.decoder_device("tpu")
 
 

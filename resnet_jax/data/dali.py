@@ -54,6 +54,7 @@ from resnet_jax.data.stream import (
 from resnet_jax.parallel import Parallel, eval_batch_size_for, gather_from_processes
 
 INSTALL = "pip install -e '.[dali]'"
+GRAIN_INSTEAD = "--config.dataset.loader=grain (evaluate.py: --loader=grain)"
 # Batches of the normalisation sample's center crops (`stream.NORMALIZATION_SAMPLE` images).
 _SAMPLE_BATCH = 64
 
@@ -67,7 +68,7 @@ def _dali():
         raise DataError(
             f"dataset.loader = 'dali' needs NVIDIA DALI, which cannot be imported here ({error}). Install "
             f"it with {INSTALL} (DALI's CUDA 12 build, for Linux on x86-64 or ARM; it also decodes on the "
-            "CPU), or use the default loader: --config.dataset.loader=grain"
+            f"CPU), or use the default loader: {GRAIN_INSTEAD}"
         ) from None
     return dali, fn, types
 
@@ -81,7 +82,7 @@ def decoder_device(platform: str) -> str:
         return "cpu"
     raise DataError(
         f"dataset.loader = 'dali' decodes on NVIDIA GPUs (or the CPU), and this run's devices are "
-        f"{platform.upper()}s: on them the host pipeline is the loader, --config.dataset.loader=grain"
+        f"{platform.upper()}s: on them the host pipeline is the loader, {GRAIN_INSTEAD}"
     )
 
 
@@ -168,7 +169,7 @@ class DeviceBatches:
                 raise DataError(
                     f"DALI could not start its pipeline on {device} ({str(error).splitlines()[0][:300]}); "
                     f"{INSTALL} installs DALI's CUDA 12 build, which needs an NVIDIA driver for CUDA 12, or "
-                    "use the default loader: --config.dataset.loader=grain"
+                    f"use the default loader: {GRAIN_INSTEAD}"
                 ) from None
             self.pipelines.append(pipeline)
             self.names = list(outputs)
