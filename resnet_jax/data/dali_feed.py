@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import math
 import struct
 
 import numpy as np
 
 from resnet_jax.data import augment
+from resnet_jax.data.image_records import header_image_shape
 from resnet_jax.data.sources import DataError
 from resnet_jax.data.stream import _Positions, _Settings, _skipped, epoch_share
 
@@ -104,11 +106,11 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def encoded_image_shape(data: bytes, what: str) -> tuple[int, int]:
-    """(height, width) of a complete JPEG or PNG, from its header's bytes (a microsecond;
-    Pillow's parser takes about 60); a DataError naming `what` for anything else: another
-    format, a header without a size, or a file cut short (a JPEG without its end-of-image
-    marker after the frame header, a PNG without its IEND chunk). DALI must not be handed
-    those: its CPU decoders (2.4) crash the process on one in a batch of more than 32."""
+    """(height, width) of a complete JPEG or PNG, from its header's bytes; a DataError naming
+    `what` for anything else: another format, a header without a size, or a file cut short
+    (a JPEG without its end-of-image marker after the frame header, a PNG without its IEND
+    chunk). DALI must not be handed those: its CPU decoders (2.4) crash the process on one
+    in a batch of more than 32."""
     if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
         if data.rfind(b"IEND") < 0:
             raise DataError(f"{what}: unreadable image (a PNG without its IEND chunk: cut short)")
@@ -116,21 +118,27 @@ def encoded_image_shape(data: bytes, what: str) -> tuple[int, int]:
         return height, width
     if data[:2] != b"\xff\xd8":
         raise DataError(f"{what}: unreadable image (neither JPEG nor PNG: it begins {data[:8]!r})")
+    frame = _jpeg_frame(data)
+    # Pillow reads headers the walk does not (bytes between segments), or names what is wrong.
+    at, (height, width) = frame if frame else (2, header_image_shape(io.BytesIO(data), what))
+    if data.rfind(b"\xff\xd9") < at:  # entropy-coded data holds no FF D9: only the end does
+        raise DataError(f"{what}: unreadable image (a JPEG without its end-of-image marker: cut short)")
+    return height, width
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, tuple[int, int]] | None:
+    """(where, (height, width)) of a JPEG's frame header, found by walking its segments (a
+    microsecond; Pillow's parser, tables and all, takes about 60), or None."""
     at = 2
     while at + 9 <= len(data) and data[at] == 0xFF:
         marker = data[at + 1]
         if marker in _JPEG_FRAMES:
             height, width = struct.unpack_from(">HH", data, at + 5)
-            if not (height and width):
-                break
-            if data.rfind(b"\xff\xd9") < at:  # entropy-coded data holds no FF D9: only the end does
-                raise DataError(f"{what}: unreadable image (a JPEG without its end-of-image marker: "
-                                "cut short)")
-            return height, width
+            return (at, (height, width)) if height and width else None
         # A fill byte, a marker without a length, or a segment with one.
         at += 1 if marker == 0xFF else 2 if marker in _JPEG_STANDALONE else 2 + int.from_bytes(
             data[at + 2:at + 4], "big")
-    raise DataError(f"{what}: unreadable image (a JPEG whose header gives no image size)")
+    return None
 
 
 class _Records:
