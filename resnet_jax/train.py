@@ -421,6 +421,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     model = build_model(config)
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     mngr, start, state = _restore_or_init(config, model, workdir, parallel, init_key, allow_config_change)
+    preemption.watch_checkpoints(mngr)
     train_step = inputs.train_step(model)
     schedule = schedules.learning_rate_schedule(config)
     writer = MetricWriter(workdir, config.tensorboard, note_missing=start == 0)
@@ -508,8 +509,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 checkpoint.save(mngr, step, state, last_eval if evaluated else None)
             if preempted:
                 checkpoint.wait_until_recorded(mngr)
-                print(f"preempted: saved the checkpoint of step {step}; rerun the same command to resume",
-                      flush=True)
+                print(f"{preemption.stopped_by}: saved the checkpoint of step {step}; rerun the same command "
+                      "to resume", flush=True)
                 return {"preempted_at_step": step}
             if logged:  # evaluation and saving stay out of the next interval's throughput
                 interval_start, timed_steps = time.perf_counter(), 0

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -66,25 +67,33 @@ def run_train(data_dir, workdir):
     return out
 
 
-def start_and_signal(data_dir, workdir, sig, delay):
-    """Start train.py, wait until it has trained a little, wait `delay` more, signal it."""
-    process = subprocess.Popen(
-        train_command(data_dir, workdir),
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text()) and process.poll() is None:
-        assert time.time() < deadline, "train.py made no progress"
-        time.sleep(0.05)
-    time.sleep(delay)
-    sent_at = time.time()
-    process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=120)
-    return process.returncode, stdout, stderr, time.time() - sent_at
+def progress_line(step):
+    """The start of the progress line train.py prints for `step`'s training interval."""
+    return f"step {step}/40  train_loss"
+
+
+def start_and_signal(data_dir, workdir, sig, after_step):
+    """Start train.py and signal it as soon as it prints the progress line of `after_step`:
+    with FLAGS, that step's metrics are written and its checkpoint (every 2 steps) is about
+    to be saved; Orbax finished the save of `after_step - 2` before it began the one before."""
+    with tempfile.TemporaryFile("w+") as stderr_file:  # not a pipe: nobody reads it until the end
+        process = subprocess.Popen(train_command(data_dir, workdir), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                   stderr=stderr_file, text=True)
+        stdout = []
+        for line in process.stdout:  # ends when train.py does, so cannot wait forever
+            stdout.append(line)
+            if line.startswith(progress_line(after_step)):
+                break
+        sent_at = time.time()
+        process.send_signal(sig)
+        rest, _ = process.communicate(timeout=120)
+        stderr_file.seek(0)
+        return process.returncode, "".join(stdout) + rest, stderr_file.read(), time.time() - sent_at
+
+
+def seeded_step(seed):
+    """A logged step of the 40 (every 2) before the last, chosen by `seed`."""
+    return 2 * random.Random(seed).randint(1, 19)
 
 
 def final_state(workdir):
@@ -122,7 +131,7 @@ def assert_same_run(workdir, reference, same_log_intervals=True):
 
 def preempted_step(stdout: str, workdir) -> int:
     """The step a preempted run says it saved, checked to be its newest checkpoint."""
-    line = next(line for line in stdout.splitlines() if line.startswith("preempted"))
+    line = next(line for line in stdout.splitlines() if line.startswith(("preempted:", "interrupted:")))
     step = int(line.split("checkpoint of step ")[1].split(";")[0])
     with checkpoint.manager(workdir, read_only=True) as mngr:
         assert max(mngr.all_steps()) == step
@@ -132,8 +141,7 @@ def preempted_step(stdout: str, workdir) -> int:
 @pytest.mark.parametrize("trial", range(KILL_TRIALS))
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(trial, data_dir, reference, tmp_path):
     workdir = tmp_path / "run"
-    delay = random.Random(trial).uniform(0.0, 1.5)
-    returncode, _, _, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, delay)
+    returncode, _, _, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, seeded_step(trial))
     assert returncode == -signal.SIGKILL
     out = run_train(data_dir, workdir)
     assert "resuming at step" in out.stdout or "from scratch" in out.stdout
@@ -147,11 +155,13 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(trial, data_dir
 def test_sigterm_or_ctrl_c_saves_the_current_step_and_exits_cleanly(sig, trial, data_dir, reference,
                                                                      tmp_path):
     workdir = tmp_path / "run"
-    delay = random.Random(100 + trial).uniform(0.0, 1.0)
-    returncode, stdout, stderr, seconds = start_and_signal(data_dir, workdir, sig, delay)
+    returncode, stdout, stderr, seconds = start_and_signal(data_dir, workdir, sig, seeded_step(100 + trial))
     assert returncode == 0 and seconds < 60, stderr
     assert "Traceback" not in stderr
     step = preempted_step(stdout, workdir)
+    # A scheduler's SIGTERM is a preemption; a user's Ctrl-C is named as what it is.
+    stop = "interrupted" if sig == signal.SIGINT else "preempted"
+    assert f"{stop}: saved the checkpoint of step {step}" in stdout
     out = run_train(data_dir, workdir)
     assert f"resuming at step {step}" in out.stdout
     assert_same_run(workdir, reference, same_log_intervals=step % 2 == 0)
@@ -238,8 +248,7 @@ def test_a_signal_to_the_whole_process_group_with_input_workers_saves_the_step_a
         evaluated.set()
         signaller.join()
     else:
-        read_until("step 2/40  train_loss")
-        time.sleep(random.Random(7).uniform(0.0, 1.0))
+        read_until(progress_line(seeded_step(7)))
         os.killpg(process.pid, sig)
     rest, stderr = process.communicate(timeout=120)
     stdout = "".join(stdout) + rest
@@ -270,7 +279,7 @@ def test_ctrl_c_during_compilation_saves_the_first_step_and_the_run_resumes(data
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "interrupted: saving a checkpoint" in stderr
-    assert "preempted: saved the checkpoint of step 1; rerun the same command to resume" in stdout
+    assert "interrupted: saved the checkpoint of step 1; rerun the same command to resume" in stdout
     with checkpoint.manager(workdir, read_only=True) as mngr:
         assert mngr.all_steps() == [1]
     out = run_train(data_dir, workdir)
@@ -278,8 +287,8 @@ def test_ctrl_c_during_compilation_saves_the_first_step_and_the_run_resumes(data
     assert_same_run(workdir, reference, same_log_intervals=False)
 
 
-def test_a_second_ctrl_c_stops_at_once_even_during_compilation(data_dir, reference, tmp_path):
-    workdir = tmp_path / "run"
+def interrupt_twice_during_compilation(data_dir, workdir):
+    """Ctrl-C twice while train.py compiles; its stdout and stderr."""
     process = start_and_await_compilation(data_dir, workdir)
     process.send_signal(signal.SIGINT)
     # Sent before the first was delivered, a second signal would merge with it.
@@ -287,11 +296,29 @@ def test_a_second_ctrl_c_stops_at_once_even_during_compilation(data_dir, referen
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    return stdout, stderr
+
+
+def test_a_second_ctrl_c_stops_at_once_even_during_compilation(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    stdout, stderr = interrupt_twice_during_compilation(data_dir, workdir)
     assert "Traceback" not in stderr and "interrupted again: stopped at once" in stderr
     assert "compiled the training step" not in stdout  # it did not wait for compilation to end
+    assert "no checkpoint was saved yet, so rerunning the same command starts from scratch" in stderr
     assert not (workdir / "checkpoints").exists() or not list((workdir / "checkpoints").iterdir())
     run_train(data_dir, workdir)
     assert_same_run(workdir, reference)
+
+
+def test_a_second_ctrl_c_names_the_checkpoint_a_rerun_resumes_from(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    process = start_and_await_compilation(data_dir, workdir)
+    process.send_signal(signal.SIGINT)  # once: the first step is saved
+    assert process.wait(timeout=120) == 0
+    _, stderr = interrupt_twice_during_compilation(data_dir, workdir)
+    assert "rerun the same command to resume from the checkpoint of step 1" in stderr
+    out = run_train(data_dir, workdir)
+    assert "resuming at step 1" in out.stdout
 
 
 def group_size(group: int) -> int:
@@ -324,6 +351,8 @@ def test_a_second_ctrl_c_to_the_group_stops_the_trainer_and_its_input_workers_at
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
     assert "interrupted again: stopped at once" in stderr and "compiled the training step" not in stdout
+    # Stopped before its first checkpoint: the hint says a rerun starts afresh, not that it resumes.
+    assert "no checkpoint was saved yet, so rerunning the same command starts from scratch" in stderr
     await_group_exit(process.pid)
 
 
