@@ -4,8 +4,8 @@ agrees with the Grain path on the same folder, example for example: the same rec
 labels and lighting, crops of the same boxes (hence sizes), the same per-pixel mean, and
 the same error for a model scored through either.
 
-The tolerances, all on the CPU, where both decode with libjpeg-turbo (DALI's nvJPEG on a
-GPU decodes JPEGs to within a few levels of it, not bit for bit), in levels of 255: a pixel
+The tolerances, all on the CPU, where both decode with libjpeg-turbo (on a GPU nvJPEG
+decodes, which no test here can compare), in levels of 255: a pixel
 of a view differs by at most 2 between the loaders (measured: 1, Pillow's and DALI's linear
 filters rounding differently), a pixel of a mean image (the per-pixel mean of the sample,
 or of a batch of crops) by at most 1 (measured: 0.44 over 18 center crops, 0.1 over 40
