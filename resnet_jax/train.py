@@ -33,7 +33,7 @@ from etils import epath
 from resnet_jax import backend, checkpoint, compile_cache, integrity, schedules, scoring
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs, count_params
-from resnet_jax.data import memory, stream
+from resnet_jax.data import dali, memory, stream
 from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.image_records import STREAMED_DATASETS
 from resnet_jax.data.sources import load_split
@@ -289,11 +289,13 @@ class DeviceInputs:
 
 
 class StreamInputs:
-    """A large dataset streamed by the host pipeline: every step gets its own batch."""
+    """A large dataset streamed by the host pipeline (`dataset.loader`: Grain, or DALI on
+    GPU nodes): every step gets its own batch."""
 
     def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
         self.config, self.parallel = config, parallel
-        self.data = stream.StreamedData(config, parallel, roles)
+        loader = dali.DaliData if config.dataset.loader == "dali" else stream.StreamedData
+        self.data = loader(config, parallel, roles)
         self.num_classes = self.data.num_classes
         if "eval" in roles:
             self.eval_batch_size = self.data.eval_batch_size
