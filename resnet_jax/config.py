@@ -40,6 +40,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.backend import CONV_PATHS
+from resnet_jax.data.dali import INSTALL as DALI_INSTALL
 from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import DATASETS, SPLITS, num_classes
 from resnet_jax.models import SHORTCUTS, model_spec
@@ -54,6 +55,8 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 # Small datasets are augmented on the device, streamed ones on the host: each has its own.
 IN_MEMORY_AUGMENTATIONS = ("pad_crop_flip", "none")
 STREAMED_AUGMENTATIONS = ("scale_crop_flip", "random_resized_crop", "none")
+# What decodes streamed datasets: Grain's host workers, or DALI on NVIDIA GPUs (data/dali.py).
+LOADERS = ("grain", "dali")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel_mean_std")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -127,6 +130,9 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
             # worker_buffer_size + 2) (`stream.PipelineOptions.examples_ahead`).
             num_workers=Logistics(-1), prefetch_batches=Logistics(2), read_threads=Logistics(2),
             read_buffer_size=Logistics(4), worker_buffer_size=Logistics(4),
+            # Streamed datasets: "grain" (host workers) or "dali" (GPU decoding; the same
+            # images and views, the pixels to the resampler's rounding, so a run may switch).
+            loader=Logistics("grain"),
         )
     )
     config.batch_size = 128
@@ -548,13 +554,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def check_evaluation(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Refuse an eval batch or worker count that cannot run on `num_devices`: the keys
-    evaluate.py may override at evaluation time (a run evaluated on other devices)."""
+    """Refuse an eval batch, worker count or loader that cannot run on `num_devices`: the
+    keys evaluate.py may override at evaluation time (a run evaluated on other devices)."""
     _require(config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0, "eval_batch_size",
              config.eval_batch_size, f"a positive multiple of the device count ({num_devices})")
     _require(config.dataset.num_workers >= -1, "dataset.num_workers", config.dataset.num_workers,
              "-1 (the CPUs this process may use, shared among the host's training processes), "
              "0 (in the main process) or a number of processes")
+    loader, name = config.dataset.loader, config.dataset.name
+    _require(loader in LOADERS, "dataset.loader", loader,
+             f"'grain' (the default: decoding on the host) or 'dali' (decoding on NVIDIA GPUs, "
+             f"{DALI_INSTALL})")
+    _require(name in STREAMED_DATASETS or loader == "grain", "dataset.loader", loader,
+             f"'grain' for {name}, which lives on the devices; 'dali' reads the streamed datasets "
+             f"({', '.join(STREAMED_DATASETS)})")
 
 
 def _check_dataset(dataset: ml_collections.ConfigDict) -> None:

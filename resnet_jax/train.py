@@ -33,7 +33,7 @@ from etils import epath
 from resnet_jax import backend, checkpoint, compile_cache, integrity, schedules, scoring
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs, count_params
-from resnet_jax.data import memory, stream
+from resnet_jax.data import dali, memory, stream
 from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.image_records import STREAMED_DATASETS
 from resnet_jax.data.sources import load_split
@@ -289,11 +289,13 @@ class DeviceInputs:
 
 
 class StreamInputs:
-    """A large dataset streamed by the host pipeline: every step gets its own batch."""
+    """A large dataset streamed by the host pipeline (`dataset.loader`: Grain, or DALI on
+    GPU nodes): every step gets its own batch."""
 
     def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
         self.config, self.parallel = config, parallel
-        self.data = stream.StreamedData(config, parallel, roles)
+        loader = dali.DaliData if config.dataset.loader == "dali" else stream.StreamedData
+        self.data = loader(config, parallel, roles)
         self.num_classes = self.data.num_classes
         if "eval" in roles:
             self.eval_batch_size = self.data.eval_batch_size
@@ -419,6 +421,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     model = build_model(config)
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     mngr, start, state = _restore_or_init(config, model, workdir, parallel, init_key, allow_config_change)
+    preemption.watch_checkpoints(mngr)
     train_step = inputs.train_step(model)
     schedule = schedules.learning_rate_schedule(config)
     writer = MetricWriter(workdir, config.tensorboard, note_missing=start == 0)
@@ -506,8 +509,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 checkpoint.save(mngr, step, state, last_eval if evaluated else None)
             if preempted:
                 checkpoint.wait_until_recorded(mngr)
-                print(f"preempted: saved the checkpoint of step {step}; rerun the same command to resume",
-                      flush=True)
+                print(f"{preemption.stopped_by}: saved the checkpoint of step {step}; rerun the same command "
+                      "to resume", flush=True)
                 return {"preempted_at_step": step}
             if logged:  # evaluation and saving stay out of the next interval's throughput
                 interval_start, timed_steps = time.perf_counter(), 0

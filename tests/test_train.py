@@ -100,9 +100,11 @@ def test_evaluate_with_a_smaller_eval_batch_scores_as_the_trained_one(trained):
 @pytest.mark.parametrize("flags, named", [
     ({"eval_batch_size": 0}, "config.eval_batch_size = 0 is not accepted; expected a positive multiple"),
     ({"num_workers": -2}, "config.dataset.num_workers = -2 is not accepted"),
+    ({"loader": "dali"}, "config.dataset.loader = 'dali' is not accepted; expected 'grain' for fashion"),
 ])
-def test_evaluate_refuses_an_eval_batch_or_worker_count_it_cannot_use(trained, flags, named):
-    with pytest.raises(ConfigError, match=re.escape(named) + ".*--eval_batch_size and --num_workers"):
+def test_evaluate_refuses_an_eval_batch_worker_count_or_loader_it_cannot_use(trained, flags, named):
+    flags_named = "--eval_batch_size, --num_workers and --loader replace"
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*" + flags_named):
         evaluate_workdir(trained[0], **flags)
 
 
