@@ -334,3 +334,29 @@ def test_lighting_offsets_are_added_to_every_pixel_before_normalising():
     images, labels = stream.train_images(stream.StreamedBatch(batch, norm))
     np.testing.assert_allclose(images[0], np.broadcast_to([2.4, 2.0, 1.6], (4, 4, 3)), rtol=1e-6)
     np.testing.assert_allclose(images[1], 2.0)
+
+
+def test_the_normalization_sample_is_decoded_without_a_worker_pool_giving_the_pools_statistics(folder, monkeypatch):
+    import grain
+
+    config = small_config(folder, num_workers=2)
+    # The statistics a pool of 2 workers gives: the sample's center crops through HostBatches.
+    data = stream.StreamedData(config, data_parallel(), ("train",))
+    sample = stream.normalization_sample(config.seed, len(data.train))
+    crops = grain.MapDataset.range(len(sample)).map(
+        stream._EvalExample(data.train, sample, data.settings, "center", stream._Positions(len(sample), 0, 1)))
+    pooled = stream.HostBatches(crops, 64, data.pipeline)
+    try:
+        images = np.concatenate([batch["views"][batch["mask"]] for batch in pooled])
+    finally:
+        pooled.close()
+    mean, std = augment.normalization_stats(images, config.dataset.normalization)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started for the normalisation sample")
+
+    monkeypatch.setattr(stream.HostBatches, "__init__", no_pool)
+    norm = stream.StreamedData(config, data_parallel(), ("train",)).normalization
+    assert len(images) == len(sample) and mean.shape == (16, 16, 3)
+    np.testing.assert_array_equal(np.asarray(norm.mean), mean)
+    np.testing.assert_array_equal(np.asarray(norm.std), std)

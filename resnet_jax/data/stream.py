@@ -27,6 +27,7 @@ evaluation, each one pass over the records.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -525,25 +526,24 @@ class StreamedData:
         self.num_classes = self.train.num_classes
         self.pipeline = PipelineOptions.of(config)
         pool_limits.check_file_descriptors(self.pipeline.workers, self.pipeline.workers if self.eval else 0)
-        # The training examples are the largest the normalisation sample and the multi-
-        # scale plan pass too; evaluation checks its own views (`eval_passes`).
+        # Training's workers pass training examples (the multi-scale plan's workers pass
+        # smaller ones); evaluation checks its own views (`eval_passes`).
         if self.pipeline.workers and self.config.num_train_steps:  # decodes one example, here
             check_shared_memory(self.pipeline, self.train_dataset(0)[0], "training")
         self.normalization = self._normalization()
 
     def _normalization(self) -> Normalization:
-        grain = _grain()
         sample = normalization_sample(self.settings.seed, len(self.train))
-        dataset = grain.MapDataset.range(len(sample)).map(
-            _EvalExample(self.train, sample, self.settings, "center", _Positions(len(sample), 0, 1)))
-        batches = HostBatches(dataset, 64, self.pipeline)
-        try:
-            images = np.concatenate([batch["views"][batch["mask"]] for batch in batches])
-        finally:
-            batches.close()
-        if not len(images):
+        examples = _EvalExample(self.train, sample, self.settings, "center", _Positions(len(sample), 0, 1))
+        # Decoded by threads of this process (Pillow releases the GIL while it decodes and
+        # resizes): a worker pool's start would cost more than the sample's decoding.
+        with concurrent.futures.ThreadPoolExecutor(max(self.pipeline.workers, self.pipeline.read_threads, 1),
+                                                   thread_name_prefix="normalization-sample") as threads:
+            views = [example["views"] for example in threads.map(examples, range(len(sample)))
+                     if example["mask"]]
+        if not views:
             raise DataError(f"no readable image among {len(sample)} sampled from the training split")
-        mean, std = augment.normalization_stats(images, self.config.dataset.normalization)
+        mean, std = augment.normalization_stats(np.stack(views), self.config.dataset.normalization)
         put = lambda a: jax.make_array_from_process_local_data(self.parallel.replicated, a)  # noqa: E731
         return Normalization(put(mean), put(std))
 
