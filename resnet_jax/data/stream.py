@@ -525,7 +525,13 @@ class StreamedData:
             self.eval = open_split(d.name, d.eval_split, data_dir, getattr(self.train, "classes", None))
         self.num_classes = self.train.num_classes
         self.pipeline = PipelineOptions.of(config)
-        pool_limits.check_file_descriptors(self.pipeline.workers, self.pipeline.workers if self.eval else 0)
+        # A training run's evaluation pool is small (`dataset.eval_workers`); evaluate.py's
+        # is the only pool of its run.
+        eval_workers = self.pipeline.workers if "train" not in roles else min(d.eval_workers,
+                                                                               self.pipeline.workers)
+        self.eval_pipeline = dataclasses.replace(self.pipeline, workers=eval_workers)
+        pool_limits.check_file_descriptors(self.pipeline.workers if "train" in roles else 0,
+                                           eval_workers if self.eval else 0)
         # Training's workers pass training examples (the multi-scale plan's workers pass
         # smaller ones); evaluation checks its own views (`eval_passes`).
         if self.pipeline.workers and self.config.num_train_steps:  # decodes one example, here
@@ -592,7 +598,7 @@ class StreamedData:
         sizes = grain.MapDataset.range(first, min(first + block, n)).map(
             _RecordBucket(self.eval, self.settings.skip_unreadable))
         found = np.full(block, -1, np.int32)  # past the end: cut off below
-        host = HostBatches(sizes, 256, self.pipeline)
+        host = HostBatches(sizes, 256, self.eval_pipeline)
         try:
             for k, part in enumerate(host):
                 found[k * 256:k * 256 + len(part)] = part
@@ -627,19 +633,19 @@ class StreamedData:
         num_batches = -(-len(records) // batch_size)
         examples = _EvalExample(self.eval, records, self.settings, mode, self._positions(batch_size), buckets)
         dataset = grain.MapDataset.range(num_batches * share).map(examples)
-        if self.pipeline.workers:
+        if self.eval_pipeline.workers:
             # A padding example has the shape of a real one, without reading an image: the
             # largest is that of the widest canvas bucket (multi-scale), or any.
             firsts = [0] if buckets is None else np.unique(buckets, return_index=True)[1]
             largest = max((examples.blank(int(position)) for position in firsts), key=shared_memory_bytes,
                           default={})
-            check_shared_memory(self.pipeline, largest, f"{mode} evaluation")
+            check_shared_memory(self.eval_pipeline, largest, f"{mode} evaluation")
         host = None
 
         def one_pass() -> Iterator[StreamedBatch]:
             nonlocal host
             if host is None:  # the examples repeat: a pass is the next num_batches batches
-                host = HostBatches(dataset.repeat(), share, self.pipeline)
+                host = HostBatches(dataset.repeat(), share, self.eval_pipeline)
             batches = _on_devices(itertools.islice(host, num_batches), self.parallel,
                                   self.config.dataset.prefetch_batches)
             return (StreamedBatch(batch, self.normalization) for batch in batches)
