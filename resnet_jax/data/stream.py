@@ -405,6 +405,14 @@ def shared_memory_bytes(example: Any) -> int:
                if isinstance(leaf, np.ndarray) and leaf.nbytes >= _PAGE)
 
 
+def _pool(options: PipelineOptions, example: Any) -> tuple[int, int]:
+    """(workers, most shared-memory blocks in flight) of a pool passing examples like
+    `example`, for `pool_limits.check_file_descriptors`."""
+    leaves = jax.tree_util.tree_leaves(example)
+    blocks = sum(isinstance(leaf, np.ndarray) and leaf.nbytes >= _PAGE for leaf in leaves)
+    return options.workers, options.examples_in_shared_memory * blocks
+
+
 def _free_shared_memory(path: str = "/dev/shm") -> int | None:
     """Free bytes of the shared-memory filesystem workers pass examples through (None: no such
     folder, as on macOS, where Python's shared memory lives elsewhere)."""
@@ -530,12 +538,20 @@ class StreamedData:
         eval_workers = self.pipeline.workers if "train" not in roles else min(d.eval_workers,
                                                                                self.pipeline.workers)
         self.eval_pipeline = dataclasses.replace(self.pipeline, workers=eval_workers)
-        pool_limits.check_file_descriptors(self.pipeline.workers if "train" in roles else 0,
-                                           eval_workers if self.eval else 0)
         # Training's workers pass training examples (the multi-scale plan's workers pass
         # smaller ones); evaluation checks its own views (`eval_passes`).
+        self._train_pool = (0, 0)  # (workers, most shared-memory blocks in flight)
         if self.pipeline.workers and self.config.num_train_steps:  # decodes one example, here
-            check_shared_memory(self.pipeline, self.train_dataset(0)[0], "training")
+            example = self.train_dataset(0)[0]
+            check_shared_memory(self.pipeline, example, "training")
+            if "train" in roles:
+                self._train_pool = _pool(self.pipeline, example)
+        eval_pool = (0, 0)
+        if self.eval:  # a training run evaluates center crops (evaluate.py's other modes check again)
+            center = _EvalExample(self.eval, np.zeros(0, np.int64), self.settings, "center",
+                                  _Positions(1, 0, 1))
+            eval_pool = _pool(self.eval_pipeline, center.blank(0))
+        pool_limits.check_file_descriptors(self._train_pool, eval_pool)
         self.normalization = self._normalization()
 
     def _normalization(self) -> Normalization:
@@ -640,6 +656,7 @@ class StreamedData:
             largest = max((examples.blank(int(position)) for position in firsts), key=shared_memory_bytes,
                           default={})
             check_shared_memory(self.eval_pipeline, largest, f"{mode} evaluation")
+            pool_limits.check_file_descriptors(self._train_pool, _pool(self.eval_pipeline, largest))
         host = None
 
         def one_pass() -> Iterator[StreamedBatch]:
