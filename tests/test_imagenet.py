@@ -118,7 +118,7 @@ def test_a_run_evaluates_through_one_eval_pipeline_and_closes_every_pipeline(
     else:
         train_and_evaluate(config, tmp_path)
     assert sum("eval_error" in line for line in metrics_lines(tmp_path)) == 4
-    assert len(pipelines) == 3  # the normalisation sample, training, and one for the 4 evaluations
+    assert len(pipelines) == 2  # training, and one for the 4 evaluations (the normalisation sample: none)
     assert all(pipeline.closed for pipeline in pipelines) and not multiprocessing.active_children()
 
 

@@ -109,6 +109,17 @@ def eval_views(inputs: StreamedBatch):
     return views, batch["label"], batch["mask"]
 
 
+def train_batch_like(image_size: int, batch_size: int, parallel: Parallel,
+                     normalization: Normalization) -> StreamedBatch:
+    """A training step's input as shapes and shardings (the global batch of `image_size`
+    crops, as either loader gives it), to compile the step before any data is read."""
+    def like(shape, dtype):
+        return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=parallel.batch)
+
+    return StreamedBatch({"image": like((image_size, image_size, 3), np.uint8), "label": like((), np.int32),
+                          "lighting": like((3,), np.float32)}, normalization)
+
+
 def normalize_canvases(canvases: jnp.ndarray, valid: jnp.ndarray, norm: Normalization) -> jnp.ndarray:
     """uint8 (N, V, H, W, 3) canvases, each holding an image of size `valid[n]` in its
     top-left corner -> float32, normalised as that image alone would be, and 0 outside it
