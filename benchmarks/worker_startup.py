@@ -202,7 +202,7 @@ def main() -> None:
         "worker_rss_bytes": float(np.mean([r["worker_rss"] for r in rows])),
         "worker_fds": max(r["worker_fds"] for r in rows),
         "trainer_fds_before_pool": rows[0]["fds_before"],
-        "records": args.records, "dataset_copy": copy,
+        "records": args.records, "dataset_copy": copy, "runs": rows,
     }))
 
 
