@@ -20,8 +20,9 @@ The position to resume from is therefore the step the checkpoint already holds: 
 resumed run gets exactly the batches it would have got, on any number of processes or
 workers. Evaluation reads every record once, in order, the last batch padded and masked;
 a set smaller than the eval batch is one batch of its own size (rounded up to the device
-count). The eval pipeline of a training run is opened once: its workers serve every
-evaluation, each one pass over the records.
+count). The eval pipeline of a training run is opened once: its workers (a small pool,
+`dataset.eval_workers`) serve every evaluation, each one pass over the records. The
+normalisation sample is decoded by threads of this process, without a pool.
 """
 
 from __future__ import annotations
