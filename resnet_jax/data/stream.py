@@ -417,7 +417,7 @@ def shared_memory_bytes(example: Any) -> int:
                if isinstance(leaf, np.ndarray) and leaf.nbytes >= _PAGE)
 
 
-def _pool(options: PipelineOptions, example: Any) -> tuple[int, int]:
+def _pool_footprint(options: PipelineOptions, example: Any) -> tuple[int, int]:
     """(workers, most shared-memory blocks in flight) of a pool passing examples like
     `example`, for `pool_limits.check_file_descriptors`."""
     leaves = jax.tree_util.tree_leaves(example)
@@ -557,12 +557,12 @@ class StreamedData:
             example = self.train_dataset(0)[0]
             check_shared_memory(self.pipeline, example, "training")
             if "train" in roles:
-                self._train_pool = _pool(self.pipeline, example)
+                self._train_pool = _pool_footprint(self.pipeline, example)
         eval_pool = (0, 0)
         if self.eval:  # a training run evaluates center crops (evaluate.py's other modes check again)
             center = _EvalExample(self.eval, np.zeros(0, np.int64), self.settings, "center",
                                   _Positions(1, 0, 1))
-            eval_pool = _pool(self.eval_pipeline, center.blank(0))
+            eval_pool = _pool_footprint(self.eval_pipeline, center.blank(0))
         pool_limits.check_file_descriptors(self._train_pool, eval_pool)
         self.normalization = self._normalization()
 
@@ -668,7 +668,7 @@ class StreamedData:
             largest = max((examples.blank(int(position)) for position in firsts), key=shared_memory_bytes,
                           default={})
             check_shared_memory(self.eval_pipeline, largest, f"{mode} evaluation")
-            pool_limits.check_file_descriptors(self._train_pool, _pool(self.eval_pipeline, largest))
+            pool_limits.check_file_descriptors(self._train_pool, _pool_footprint(self.eval_pipeline, largest))
         host = None
 
         def one_pass() -> Iterator[StreamedBatch]:
