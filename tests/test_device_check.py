@@ -52,10 +52,17 @@ def test_smoke_run_reports_every_phase(smoke):
     for way in ("on_device", "from_host"):
         assert imagenet[way]["images_per_sec"] == pytest.approx(
             imagenet["batch_size"] / (imagenet[way]["step_ms"] / 1e3))
+    loaders = imagenet["loaders"]
+    assert list(loaders) == ["grain", "dali"]
     if importlib.util.find_spec("grain") and importlib.util.find_spec("PIL"):
-        assert imagenet["streamed"]["images_per_sec"] > 0 and imagenet["streamed"]["workers"] == 1
+        grain = loaders["grain"]
+        assert grain["images_per_sec"] == pytest.approx(imagenet["batch_size"] / (grain["step_ms"] / 1e3))
+        assert grain["workers"] == 1 and grain["images_in_folder"] == 8 and grain["open_s"] > 0
     else:
-        assert "grain" in imagenet["streamed"]["skipped"]
+        assert "grain" in loaders["grain"]["skipped"]
+    # DALI runs (on the CPU here) where its loader and DALI are installed: test_smoke_run_times_dali.
+    dali = loaders["dali"]
+    assert "images_per_sec" in dali or dali["skipped"].startswith("DALI loader not available: ")
     macs = rj.count_macs(rj.create_model("resnet8", num_classes=1000), (1, 32, 32, 3))
     assert imagenet["macs_per_image"] == macs
     achieved = 6 * macs * imagenet["on_device"]["images_per_sec"]
@@ -74,12 +81,25 @@ def test_smoke_run_reports_every_phase(smoke):
     assert report["total_s"] >= report["imagenet"]["phase_s"] + report["cifar"]["phase_s"]
 
 
+@pytest.mark.dali
+def test_smoke_run_times_dali(smoke):
+    pytest.importorskip("resnet_jax.data.dali", reason="this version has no DALI loader")
+    out, _ = smoke
+    report = json.loads((out / "device_check.json").read_text())
+    imagenet, dali = report["imagenet"], report["imagenet"]["loaders"]["dali"]
+    assert dali["images_per_sec"] == pytest.approx(imagenet["batch_size"] / (dali["step_ms"] / 1e3))
+    assert (dali["decoder"], dali["threads"], dali["images_in_folder"]) == ("cpu", 1, 8)
+    table = (out / "device_check.md").read_text()
+    assert "| resnet8 images/s, DALI loader | " in table and "(decoding cpu, 1 CPU threads) |" in table
+
+
 def test_smoke_run_writes_and_prints_the_table(smoke):
     out, stdout = smoke
     table = (out / "device_check.md").read_text()
     assert table in stdout
     assert table.splitlines()[:2] == ["| what | figure |", "|---|---|"]
     assert "| resnet8 images/s, batch on device |" in table
+    assert "| resnet8 images/s, Grain loader |" in table and "| resnet8 images/s, DALI loader |" in table
     assert "| resnet8 4-step schedule |" in table and "test error" in table
     assert "| resnet8 MFU (bf16, batch on device) | - (no published bf16 peak" in table
 
@@ -90,7 +110,17 @@ def test_table_names_a_skipped_schedule_and_the_peak_used(smoke):
     report = copy.deepcopy(report)
     report["cifar"]["schedule"] = {"skipped": "needs about 200 s, 150 s of --budget_s=420 left"}
     report["imagenet"].update(mfu=0.5, peak_flops_per_device=989e12)
+    report["imagenet"]["loaders"] = {
+        "grain": {"images_per_sec": 2345.6, "workers": 15},
+        "dali": {"failed": "DALI could not start its pipeline on cuda:0"},
+    }
     table = load_script().table(report)
+    assert "| resnet8 images/s, Grain loader | 2,346 (15 decoding processes) |" in table
+    assert "| resnet8 images/s, DALI loader | failed: DALI could not start its pipeline on cuda:0 |" in table
+    report["imagenet"]["loaders"] = {"dali": {"images_per_sec": 7000.4, "decoder": "mixed", "threads": 15}}
+    table = load_script().table(report)
+    assert "| resnet8 images/s, DALI loader | 7,000 (decoding mixed, 15 CPU threads) |" in table
+    assert "Grain loader" not in table
     assert "4-step schedule | skipped: needs about 200 s, 150 s of --budget_s=420 left |" in table
     assert "| resnet8 MFU (bf16, batch on device) | 50.0% of 989 TFLOP/s |" in table
 
