@@ -146,3 +146,7 @@ def test_bad_input_is_refused_before_any_work(fashion_mnist, tmp_path, capsys):
         script.parse_args([f"--out={tmp_path / 'new'}", "--smoke", f"--fashion_mnist_dir={fashion_mnist}",
                            "--cifar_steps_per_dispatch=3"])
     assert "must divide --cifar_steps=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args([f"--out={tmp_path / 'new'}", "--smoke", f"--fashion_mnist_dir={fashion_mnist}",
+                           "--loaders=grain,nvjpeg"])
+    assert "--loaders=grain,nvjpeg: comma-separated names among grain, dali" in capsys.readouterr().err
