@@ -8,9 +8,9 @@ Orbax checks no content, so each save records a checksum of every array, compute
 devices and written off the training thread to `checkpoint_checksums/<step>.json`
 (`resnet_jax/integrity.py` says how and why), and every restore recomputes and compares
 them: a damaged checkpoint, or one whose checksums were never recorded, is reported with
-its path, never loaded. Damaged checkpoints met
-while resuming are moved to `checkpoints_damaged/` (kept for inspection, out of Orbax's
-way, with their checksums record) and the run falls back to the newest intact one.
+its path, never loaded. Damaged checkpoints met while resuming are moved to
+`checkpoints_damaged/` (kept for inspection, out of Orbax's way, with their checksums
+record) and the run falls back to the newest intact one.
 
 Workdirs are local folders or `gs://` URLs: every path here is an `etils.epath.Path` made
 by `workdir.workdir_path`.
