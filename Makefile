@@ -36,6 +36,7 @@ ARGS ?=
 # absl, etils, cloudpickle, protobuf, psutil, pyyaml) lacks to run benchmarks/device_check.py:
 # the project, ml_collections, and Grain with the two of its needs missing there; installed
 # there with `pip install --no-index --no-deps` (nothing is downloaded on that machine).
+# NVIDIA DALI, for the check's DALI row, is left out: 517 MB of wheels (RESULTS.md, GPU).
 WHEELHOUSE ?= .wheelhouse
 WHEELHOUSE_PLATFORM := --python-version 3.12 --implementation cp --abi cp312 \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64

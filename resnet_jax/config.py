@@ -52,6 +52,8 @@ PAPER_CIFAR_STEPS = 64_000
 # The paper's ImageNet schedule (Sec. 3.4): 60e4 iterations of 256 images.
 PAPER_IMAGENET_STEPS = 600_000
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
+# The pod recipe's examples per BN statistics group: Goyal et al.'s 32 images per GPU.
+POD_BN_GROUP_SIZE = 32
 # Small datasets are augmented on the device, streamed ones on the host: each has its own.
 IN_MEMORY_AUGMENTATIONS = ("pad_crop_flip", "none")
 STREAMED_AUGMENTATIONS = ("scale_crop_flip", "random_resized_crop", "none")
@@ -157,8 +159,9 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
     # (conv and FC kernels, FC biases, BN scales and offsets): "kernels" leaves out the last three.
     config.weight_decay_on = "all"
     config.label_smoothing = 0.0
-    # Examples per BatchNorm statistics group; 0: the whole global batch. The paper's
-    # two-GPU CIFAR runs normalised over 64 examples each.
+    # Examples per BatchNorm statistics group in training (consecutive examples of the
+    # batch, so a group lies on one device where it divides the per-device batch); 0: the
+    # whole global batch. The paper's two-GPU CIFAR runs normalised over 64 examples each.
     config.bn_group_size = 0
     config.steps_per_dispatch = 1
     config.eval_every_steps = Logistics(2000)
@@ -225,7 +228,10 @@ def imagenet_pod_recipe(model: str, batch_size: int, epochs: int = 90) -> ml_col
     initialised to zero, random-resized-crop (area 8-100%, aspect 3/4-4/3) and flip,
     per-channel mean/std normalisation, no lighting, weight decay on conv and FC kernels
     only (Goyal et al. leave BN's scales and offsets undecayed; the FC bias is left too); `epochs` over the
-    1,281,167 images.
+    1,281,167 images. BN statistics over groups of 32 examples (Goyal et al.'s 32 images per
+    GPU), not over the global batch: a group on one device needs no all-reduce, where the
+    global batch's statistics cost two dependent all-reduces per BN layer in the forward
+    pass across every device (a group spans devices where a device holds fewer than 32).
     """
     config = imagenet_recipe(model)
     config.model.dtype = "bfloat16"
@@ -244,6 +250,7 @@ def imagenet_pod_recipe(model: str, batch_size: int, epochs: int = 90) -> ml_col
     config.lr_warmup_fraction = 5 / epochs
     config.label_smoothing = 0.1
     config.weight_decay_on = "kernels"
+    config.bn_group_size = POD_BN_GROUP_SIZE
     config.eval_every_steps = round(steps_per_epoch) * 5
     config.checkpoint_every_steps = round(steps_per_epoch)
     return config
@@ -554,7 +561,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(group == 0 or (group > 0 and config.batch_size % group == 0), "bn_group_size", group,
              f"0 (whole batch) or a divisor of batch_size ({config.batch_size})")
     _require(group == 0 or per_device % group == 0 or group % per_device == 0, "bn_group_size", group,
-             f"a divisor or multiple of the per-device batch ({per_device}), so groups align with devices")
+             f"a divisor of the per-device batch ({config.batch_size} / {num_devices} devices = "
+             f"{per_device}: each group's statistics stay on its device) or a multiple of it (each "
+             "group then spans whole devices, which all-reduce its statistics among themselves)")
 
 
 def check_evaluation(config: ml_collections.ConfigDict, num_devices: int) -> None:

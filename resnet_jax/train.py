@@ -50,23 +50,6 @@ TrainInputs = memory.DeviceData | stream.StreamedBatch
 EvalInputs = memory.EvalBatchIndex | stream.StreamedBatch
 
 
-def _apply_train(model: ResNet, variables: dict, images: jnp.ndarray, bn_group_size: int):
-    """Training-mode forward pass: (logits, new batch_stats).
-
-    With `bn_group_size`, BN normalises each group of that many examples on its own
-    statistics (the paper's per-GPU BN); the groups' running statistics are averaged.
-    """
-    if not bn_group_size or bn_group_size == images.shape[0]:
-        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        return logits, updates["batch_stats"]
-    groups = images.reshape(-1, bn_group_size, *images.shape[1:])
-    logits, updates = jax.vmap(
-        lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])
-    )(groups)
-    batch_stats = jax.tree_util.tree_map(lambda s: s.mean(axis=0), updates["batch_stats"])
-    return logits.reshape(-1, logits.shape[-1]), batch_stats
-
-
 def make_train_step(
     config: ml_collections.ConfigDict, model: ResNet, parallel: Parallel
 ) -> Callable[[TrainState, memory.DeviceData, jax.Array], tuple[TrainState, dict]]:
@@ -113,12 +96,12 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, batch_stats = _apply_train(model, variables, images, config.bn_group_size)
+            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
             targets = optax.smooth_labels(
                 jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing
             )
             loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-            return loss, (logits, batch_stats)
+            return loss, (logits, updates["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         opt_state = schedules.with_learning_rate(state.opt_state, schedule(state.step, state.lr_warmup_end))

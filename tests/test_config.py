@@ -207,6 +207,11 @@ def test_the_pod_recipe_scales_the_learning_rate_and_warms_up_for_five_epochs():
     assert (config.lr_schedule, config.label_smoothing, config.model.dtype) == ("cosine", 0.1, "bfloat16")
     assert config.model.zero_init_residual and config.dataset.augment == "random_resized_crop"
     assert config.weight_decay_on == "kernels"  # Goyal et al.: BN's scales and offsets undecayed
+    # BN statistics over groups of 32 examples (Goyal et al.'s per GPU), from 8 GPUs (512
+    # examples each: 16 groups per device) to 256 devices (16 examples each: a group spans 2).
+    assert config.bn_group_size == 32 and build_model(config).bn_group_size == 32
+    for devices in (1, 8, 128, 256):
+        validate(config, num_devices=devices)
 
 
 def test_overrides_take_the_type_of_the_key():
@@ -270,6 +275,7 @@ def test_an_unknown_key_is_refused_with_the_few_nearest_keys_not_all_of_them():
         ({"bn_group_size": 48}, ["bn_group_size", "divisor of batch_size (128)"]),
         ({"dataset.loader": "dali"}, ["dataset.loader", "'grain' for cifar10, which lives on the devices",
                                       "image_folder, imagenet2012, imagenette"]),
+        ({"batch_size": 96, "bn_group_size": 8}, ["bn_group_size", "per-device batch (96 / 8 devices = 12"]),
     ],
 )
 def test_invalid_configs_are_refused_with_key_value_and_accepted(changes, words):

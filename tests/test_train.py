@@ -302,26 +302,6 @@ def test_one_and_eight_devices_train_alike(data_dir, tmp_path):
     assert eight["eval_loss"] == pytest.approx(one["eval_loss"], rel=5e-3)
 
 
-def test_bn_groups_normalise_each_group_on_its_own():
-    from resnet_jax.models import create_model
-    from resnet_jax.train import _apply_train
-
-    model = create_model("resnet8")
-    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
-    variables = model.init(jax.random.key(1), x)
-    logits, stats = _apply_train(model, variables, x, bn_group_size=4)
-    halves = [model.apply(variables, x[i : i + 4], train=True, mutable=["batch_stats"]) for i in (0, 4)]
-    np.testing.assert_allclose(logits, jnp.concatenate([h[0] for h in halves]), rtol=1e-5, atol=1e-6)
-    expected_stats = jax.tree_util.tree_map(
-        lambda a, b: (a + b) / 2, halves[0][1]["batch_stats"], halves[1][1]["batch_stats"]
-    )
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, expected_stats
-    )
-    whole_batch, _ = _apply_train(model, variables, x, bn_group_size=0)
-    assert not np.allclose(whole_batch, logits, atol=1e-3)
-
-
 def test_a_workdir_saved_before_the_imagenet_keys_still_resumes_and_evaluates(trained, data_dir, tmp_path):
     import ml_collections
 
