@@ -41,7 +41,7 @@ def host_batches(data, start, count):
 def test_image_folder_reads_classes_in_sorted_order_from_jpeg_and_png(folder):
     train = image_records.ImageFolder(folder, "train")
     assert train.classes == ("class_0", "class_1", "class_2") and len(train) == 18
-    assert {p.rsplit(".", 1)[1] for p in train.files} == {"jpg", "png"}
+    assert {train.describe(i).rsplit(".", 1)[1] for i in range(len(train))} == {"jpg", "png"}
     np.testing.assert_array_equal(train.labels, np.repeat([0, 1, 2], 6))
     image, label = train[17]
     assert image.dtype == np.uint8 and image.shape in ((40, 52, 3), (52, 40, 3)) and label == 2

@@ -4,7 +4,8 @@ A record source has `len()`, `source[i] -> (uint8 RGB image (H, W, 3), label)`,
 `encoded(i) -> (the image's file bytes, label)` (what the DALI loader decodes itself),
 `image_shape(i) -> (H, W)` (multi-scale testing groups images by shape before reading
 them), `num_classes` and `describe(i)` (what to name in an error). Sources are picklable, so
-the input pipeline's worker processes each get a copy. Two kinds:
+the input pipeline's worker processes each get one (an image folder's file list shared,
+not copied). Two kinds:
 
 - `ImageFolder`: `data_dir/train/<class>/*` and `data_dir/val/<class>/*` JPEG or PNG
   files; classes are the folder names in sorted order, the same in both splits.
@@ -23,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from resnet_jax.data.shared_arrays import SharedArrays
 from resnet_jax.data.sources import DataError
 
 STREAMED_DATASETS = ("image_folder", "imagenet2012", "imagenette")
@@ -66,7 +68,13 @@ def header_image_shape(file: str | os.PathLike[str] | BinaryIO, what: str) -> tu
 
 
 class ImageFolder:
-    """One split of `data_dir/{train,val}/<class>/<image>`: files sorted, classes sorted."""
+    """One split of `data_dir/{train,val}/<class>/<image>`: files sorted, classes sorted.
+
+    The file list is held compactly, and shared with the input workers rather than copied
+    to each (`shared_arrays`): each class folder's path once, and the file names as one
+    byte string with their offsets, mapped read-only by every process that unpickles the
+    folder. Pickling one costs O(classes), not O(files): ImageNet's 1.28M paths as a list
+    were a 72 MiB copy per worker (benchmarks/RESULTS.md, "Input workers at pod size")."""
 
     def __init__(self, data_dir: str | os.PathLike[str], split: str, classes: tuple[str, ...] | None = None):
         root = Path(data_dir)
@@ -86,44 +94,77 @@ class ImageFolder:
                 f"(only here: {extra or 'none'}; missing here: {missing or 'none'}); both splits "
                 "need the same class folders, so that labels mean the same"
             )
-        self.classes = found
-        files, labels = [], []
-        for label, name in enumerate(found):
-            for path in sorted((folder / name).iterdir()):
-                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(str(path))
-                    labels.append(label)
-        if not files:
+        # Names sorted as their paths are (a folder's children compare by name).
+        names = [sorted(entry.name for entry in os.scandir(folder / name) if _is_image(entry))
+                 for name in found]
+        if not any(names):
             raise DataError(f"{folder}: no .jpg, .jpeg or .png files in its class folders; needs {layout}")
-        self.files = files
-        self.labels = np.asarray(labels, np.int32)
+        self._hold(folder, found, names)
+
+    @classmethod
+    def from_names(cls, folder: str | os.PathLike[str], classes: tuple[str, ...],
+                   names: list[list[str]]) -> ImageFolder:
+        """The split at `folder` whose class folders are `classes` (sorted) and hold the image
+        files `names[label]` (sorted), as given: the folder is not read until an image is."""
+        split = cls.__new__(cls)
+        split._hold(Path(folder), tuple(classes), names)
+        return split
+
+    def _hold(self, folder: Path, classes: tuple[str, ...], names: list[list[str]]) -> None:
+        self.classes = classes
+        self._class_folders = tuple(str(folder / name) for name in classes)
+        self._class_starts = np.cumsum([0, *map(len, names)], dtype=np.int64)
+        encoded = [os.fsencode(name) for class_names in names for name in class_names]  # any name, exactly
+        self._names = SharedArrays(characters=np.frombuffer(b"".join(encoded), np.uint8),
+                                   starts=np.cumsum([0, *map(len, encoded)], dtype=np.int64))
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Every file's label (int32), in order."""
+        return np.repeat(np.arange(self.num_classes, dtype=np.int32), np.diff(self._class_starts))
+
     def __len__(self) -> int:
-        return len(self.files)
+        return int(self._class_starts[-1])
+
+    def _label(self, index: int) -> int:
+        return int(np.searchsorted(self._class_starts, index, side="right")) - 1
 
     def describe(self, index: int) -> str:
-        return self.files[index]
+        """The file's path."""
+        index = range(len(self))[index]  # as a list indexes: negative from the end, IndexError past it
+        characters, starts = self._names["characters"], self._names["starts"]
+        name = os.fsdecode(characters[starts[index]:starts[index + 1]].tobytes())
+        return f"{self._class_folders[self._label(index)]}{os.sep}{name}"
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         data, label = self.encoded(index)
-        return decode_image(data, self.files[index]), label
+        return decode_image(data, self.describe(index)), label
 
     def encoded(self, index: int) -> tuple[bytes, int]:
         """The file's bytes, undecoded, and its label."""
-        path = self.files[index]
+        index = range(len(self))[index]
+        path = self.describe(index)
         try:
             with open(path, "rb") as file:
-                return file.read(), int(self.labels[index])
+                return file.read(), self._label(index)
         except OSError as error:
             raise DataError(f"{path}: cannot be read ({error})") from None
 
     def image_shape(self, index: int) -> tuple[int, int]:
         """(height, width) from the file's header, without decoding the pixels."""
-        return header_image_shape(self.files[index], self.files[index])
+        path = self.describe(index)
+        return header_image_shape(path, path)
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    """A file (or a link to one) with an image suffix, as `Path.suffix` finds it: the name's
+    last dot onward, not a dot-file's own name (`.jpg` has no suffix)."""
+    name = entry.name.lower()
+    return name.endswith(IMAGE_SUFFIXES) and name not in IMAGE_SUFFIXES and entry.is_file()
 
 
 class TfdsRecords:

@@ -7,7 +7,7 @@ of its workers (the worker's pipes and queues), whatever the examples; and each 
 memory block of an example between a worker and this process holds one more, here or in
 flight, so the blocks count apart, from the pipeline's own bound on examples in shared
 memory. `FIXED_FDS` covers this process's own (its libraries, JAX's runtime, checkpoint
-and metrics files), with room to spare."""
+and metrics files, two per image folder for its shared file list), with room to spare."""
 
 from __future__ import annotations
 

@@ -1,0 +1,111 @@
+"""Read-only numpy arrays held once by this process and mapped by its input worker
+processes, instead of each getting a pickled copy: an image folder's file names.
+
+Grain's workers are spawned processes, and each gets the training dataset pickled by a
+thread of the training process, holding the GIL: ImageNet's 1.28M paths as a Python list
+were 72 MiB to pickle for every worker and 139 MiB resident in each (benchmarks/RESULTS.md,
+"Input workers at pod size"). `SharedArrays` pickles as a reference instead: a few numbers
+per array, whatever its size.
+
+Where the arrays live: an anonymous memory file of this process (Linux `memfd_create`),
+written once and sealed against any change, which a worker opens as
+`/proc/<this pid>/fd/<fd>` and maps read-only. Its pages are in memory once per training
+process, shared by every process that maps them, and a worker touches only the pages it
+reads. It has no name in any file system, so there is nothing to remove however the
+training process ends (the run's end, Ctrl-C, SIGTERM, a second Ctrl-C's immediate exit,
+SIGKILL, out of memory): the kernel frees it with the last process that holds it. A named
+file (a temporary directory, /dev/shm, `multiprocessing.shared_memory`) outlives a
+process killed outright, and Python's resource tracker reports such blocks "leaked" at
+exit. It costs this process two file descriptors (the file and its mapping) and a worker
+one (its mapping), within `pool_limits.FIXED_FDS`.
+
+The reference holds on this host while this process lives; a worker checks that the
+descriptor still names the same file (its inode) before it maps it. Without
+`memfd_create` (macOS) the arrays travel pickled, compact but one copy per worker.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import weakref
+
+import numpy as np
+
+from resnet_jax.data.sources import DataError
+
+_ALIGN = 64  # each array starts on a cache line
+_SEALS = ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE")
+
+
+class SharedArrays:
+    """Named numpy arrays, read-only: `shared["name"]`. Pickled, they are the same arrays
+    mapped, not copied, in the process that unpickles them (on this host, while this
+    process lives)."""
+
+    def __init__(self, **arrays: np.ndarray):
+        arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+        layout, size = [], 0
+        for name, array in arrays.items():
+            offset = -(-size // _ALIGN) * _ALIGN
+            layout.append((name, array.dtype.str, array.shape, offset))
+            size = offset + array.nbytes
+        self._layout, self._size, self._file = tuple(layout), max(size, 1), None  # mmap needs a byte
+        if not hasattr(os, "memfd_create"):
+            self._arrays = arrays
+            for array in arrays.values():
+                array.flags.writeable = False
+            return
+        fd = os.memfd_create("resnet_jax-shared-arrays", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        weakref.finalize(self, os.close, fd)
+        os.ftruncate(fd, self._size)
+        for (_, _, _, offset), array in zip(layout, arrays.values(), strict=True):
+            data = memoryview(array).cast("B")
+            while data:
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+        # Sealed: no process can change or shrink what the others have mapped.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, sum(getattr(fcntl, seal) for seal in _SEALS))
+        stat = os.fstat(fd)
+        self._file = (os.getpid(), fd, stat.st_dev, stat.st_ino)
+        self._arrays = self._mapped(fd)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the arrays take, once per host however many processes map them."""
+        return self._size
+
+    def _mapped(self, fd: int) -> dict[str, np.ndarray]:
+        buffer = mmap.mmap(fd, self._size, prot=mmap.PROT_READ)  # holds a descriptor of its own
+        return {name: np.frombuffer(buffer, dtype, int(np.prod(shape)), offset).reshape(shape)
+                for name, dtype, shape, offset in self._layout}
+
+    def __getstate__(self) -> dict:
+        if self._file is None:
+            return {"layout": self._layout, "size": self._size, "arrays": self._arrays}
+        return {"layout": self._layout, "size": self._size, "file": self._file}
+
+    def __setstate__(self, state: dict) -> None:
+        self._layout, self._size = state["layout"], state["size"]
+        self._file = None  # the owner closes its file, not a process that maps it
+        if "arrays" in state:
+            self._arrays = state["arrays"]
+            return
+        pid, fd, device, inode = state["file"]
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise DataError(f"{path}: cannot open the arrays process {pid} shares ({error}); they are "
+                            "readable on its host while it runs") from None
+        try:
+            stat = os.fstat(opened)
+            if (stat.st_dev, stat.st_ino) != (device, inode):
+                raise DataError(f"{path}: no longer the arrays process {pid} shared (it closed them)")
+            self._arrays = self._mapped(opened)
+        finally:
+            os.close(opened)
