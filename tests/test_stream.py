@@ -2,7 +2,11 @@
 batches it gives (deterministic, resumable, split between processes), bad data, and how
 far decoding runs ahead of the consumer."""
 
+import concurrent.futures
+import gc
 import multiprocessing
+import os
+import pickle
 import time
 
 import numpy as np
@@ -47,6 +51,56 @@ def test_image_folder_reads_classes_in_sorted_order_from_jpeg_and_png(folder):
     assert image.dtype == np.uint8 and image.shape in ((40, 52, 3), (52, 40, 3)) and label == 2
     assert image.mean() > train[0][0].mean() + 100  # graded by class, as written
     assert len(image_records.ImageFolder(folder, "validation", train.classes)) == 9
+
+
+def generated_folder(files: int, classes: int = 4) -> image_records.ImageFolder:
+    names = [[f"n{c:08d}_{k}.JPEG" for k in range(c, files, classes)] for c in range(classes)]
+    return image_records.ImageFolder.from_names("/data/train", [f"n{c:08d}" for c in range(classes)], names)
+
+
+def test_an_image_folder_pickles_to_the_same_size_whatever_its_number_of_files():
+    small, large = generated_folder(100), generated_folder(10_000)
+    assert (len(small), len(large)) == (100, 10_000)
+    assert large.describe(9_999) == "/data/train/n00000003/n00000003_9999.JPEG"
+    # A copy of the names would add 9,900 x 20 bytes; the classes are the same.
+    assert abs(len(pickle.dumps(large)) - len(pickle.dumps(small))) < 64
+
+
+def test_an_image_folder_from_its_names_is_the_listed_one_and_keeps_any_file_name(folder, tmp_path):
+    train = image_records.ImageFolder(folder, "train")
+    names = [sorted(p.name for p in (folder / "train" / c).iterdir()) for c in train.classes]
+    given = image_records.ImageFolder.from_names(folder / "train", train.classes, names)
+    assert [given.describe(i) for i in range(len(given))] == [train.describe(i) for i in range(len(train))]
+    np.testing.assert_array_equal(given.labels, train.labels)
+    undecodable = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes in a UTF-8 file system
+    odd = image_records.ImageFolder.from_names(tmp_path, ("a", "b"),
+                                               [["x.jpg"], [undecodable, "\u00e9t\u00e9.png"]])
+    assert [odd.describe(i) for i in (0, 1, 2, -1)] == [
+        f"{tmp_path}/a/x.jpg", f"{tmp_path}/b/{undecodable}", f"{tmp_path}/b/\u00e9t\u00e9.png",
+        f"{tmp_path}/b/\u00e9t\u00e9.png"]
+    with pytest.raises(IndexError):
+        odd.describe(3)
+
+
+def paths_labels_and_bytes(split: image_records.ImageFolder) -> tuple[list, list, list]:
+    """What a worker process reads of `split`: every path, label and file."""
+    files = [split.encoded(i) for i in range(len(split))]
+    return ([split.describe(i) for i in range(len(split))], [label for _, label in files],
+            [data for data, _ in files])
+
+
+def test_a_spawned_worker_maps_the_folders_file_list_and_reads_the_same_paths_labels_and_files(folder):
+    train = image_records.ImageFolder(folder, "train")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as worker:
+        assert worker.submit(paths_labels_and_bytes, train).result() == paths_labels_and_bytes(train)
+
+
+def test_a_pickled_folder_whose_process_closed_its_file_list_is_refused(folder):
+    pickled = pickle.dumps(image_records.ImageFolder(folder, "train"))
+    gc.collect()  # the folder is gone, and with it its file list's descriptor
+    image_records.ImageFolder(folder, "train")  # which a new list may take again
+    with pytest.raises(DataError, match=r"/proc/\d+/fd/\d+: (cannot open|no longer) the arrays process"):
+        pickle.loads(pickled)
 
 
 def test_image_folder_layout_errors_name_the_folder_and_the_layout(folder, tmp_path):
