@@ -450,14 +450,55 @@ def test_ctrl_c_during_the_final_save_ends_the_run_as_finished(data_dir, referen
     assert "step 40/40 was trained before" in out.stdout
 
 
-def group_size(group: int) -> int:
-    """How many processes the process group `group` holds now (from /proc)."""
-    count = 0
+def group_processes(group: int) -> list[int]:
+    """The processes of the process group `group` now (from /proc)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):  # a process that just ended
             # pgrp is the 5th field; the 2nd, the command, is in parentheses and may hold spaces
-            count += int(stat.read_text().rsplit(")", 1)[1].split()[2]) == group
-    return count
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == group:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def group_size(group: int) -> int:
+    """How many processes the process group `group` holds now."""
+    return len(group_processes(group))
+
+
+def maps_a_shared_file_list(pid: int) -> bool:
+    """Whether process `pid` maps an image folder's shared file list (`data/shared_arrays.py`)."""
+    with contextlib.suppress(OSError):  # a process that just ended
+        return "/memfd:resnet_jax-shared-arrays" in Path(f"/proc/{pid}/maps").read_text()
+    return False
+
+
+@pytest.mark.grain
+@pytest.mark.parametrize("stop", ["end", signal.SIGINT, signal.SIGKILL], ids=["end", "SIGINT", "SIGKILL"])
+def test_the_workers_map_the_trainers_file_list_and_nothing_of_it_outlives_the_run(stop, image_folder,
+                                                                                   tmp_path):
+    """The input workers map the training process's file list rather than copying it; when
+    the run ends, is interrupted by Ctrl-C to its group, or its trainer is killed outright,
+    nothing of the list is left behind (no file in the run's temporary directory, the
+    workers gone)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = [*streamed_command(image_folder, tmp_path / "run"), "--config.num_train_steps=8"]
+    environment = {**os.environ, "TMPDIR": str(temporary)}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True, env=environment)
+    read_until(process, "step 4/8  train_loss")  # the training workers are decoding
+    assert maps_a_shared_file_list(process.pid)
+    workers = [pid for pid in group_processes(process.pid) if pid != process.pid]
+    assert sum(map(maps_a_shared_file_list, workers)) >= 2, workers  # the 2 training workers at least
+    if stop == signal.SIGINT:
+        os.killpg(process.pid, stop)
+    elif stop == signal.SIGKILL:
+        process.kill()  # the trainer alone: its workers end with it
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == (-signal.SIGKILL if stop == signal.SIGKILL else 0), stderr[-3000:]
+    await_group_exit(process.pid)
+    assert list(temporary.iterdir()) == []
 
 
 @pytest.mark.grain
