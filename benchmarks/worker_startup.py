@@ -17,9 +17,9 @@ generated image folder and starts its pool (`stream.HostBatches`). It reports:
   blocks of the examples in flight (`/dev/shm/...`), whose number follows how examples
   cross processes, not the pool.
 The folder's file list is tiny; `--records` times the pickling of one worker's copy of the
-dataset with that many file paths (ImageNet's 1,281,167 by default), since each worker
-gets the whole list. The last line is a JSON object of the fitted per-worker costs.
-Linux only.
+dataset with an image folder of that many files (ImageNet's 1,281,167 by default), whose
+file list the workers map rather than copy (`data/shared_arrays.py`). The last line is a
+JSON object of the fitted per-worker costs. Linux only.
 """
 
 from __future__ import annotations
@@ -125,29 +125,45 @@ def resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def imagenet_sized_folder(records: int):
+    """An image folder of `records` files named as ImageNet's, in its 1,000 classes (fewer
+    for fewer records), without the files (`ImageFolder.from_names`)."""
+    from resnet_jax.data.image_records import ImageFolder
+
+    classes = [f"n{c:08d}" for c in range(min(records, 1000))]
+    names = [[f"{name}_{k}.JPEG" for k in range(c, records, len(classes))] for c, name in enumerate(classes)]
+    return ImageFolder.from_names("/data/imagenet/train", classes, names)
+
+
 def pickled_copy(data_dir: Path, records: int) -> dict:
-    """One worker's copy of the training dataset, its folder's file list replaced by
-    `records` paths of ImageNet's length: the seconds to pickle it (in this process) and to
-    unpickle it (in the worker), its bytes, and the resident memory the unpickled copy adds."""
+    """One worker's copy of the training dataset, its image folder replaced by one of
+    `records` files (`imagenet_sized_folder`): the seconds to pickle it (in this process)
+    and to unpickle it (in the worker), its bytes, the resident memory the unpickled copy
+    adds, and after it has read every path; and the bytes of the file list, held once and
+    mapped by every worker (those pages count in each reader's RSS, but exist once)."""
     import cloudpickle
 
     from resnet_jax.data.stream import StreamedData
     from resnet_jax.parallel import data_parallel
 
     data = StreamedData(config_for(data_dir, 0), data_parallel(), ("train",))
-    data.train.files = [f"/data/imagenet/train/n{k // 1300:08d}/n{k // 1300:08d}_{k}.JPEG"
-                        for k in range(records)]
-    data.train.labels = np.arange(records, dtype=np.int32) // 1300
+    data.train = imagenet_sized_folder(records)
+    shared = data.train.file_list_nbytes
     dataset = data.train_dataset(0)
     start = time.perf_counter()
     pickled = cloudpickle.dumps(dataset, protocol=pickle.HIGHEST_PROTOCOL)
     pickle_s = time.perf_counter() - start
-    del data, dataset
     before, start = resident_bytes(), time.perf_counter()
-    copy = pickle.loads(pickled)
+    copy = pickle.loads(pickled)  # maps this process's list again, as a worker maps it
     unpickle_s, added = time.perf_counter() - start, resident_bytes() - before
-    del copy
-    return {"pickle_s": pickle_s, "unpickle_s": unpickle_s, "bytes": len(pickled), "resident_bytes": added}
+    before, folder = resident_bytes(), pickle.loads(pickle.dumps(data.train))  # the folder alone, mapped
+    start = time.perf_counter()
+    for index in range(len(folder)):
+        folder.describe(index)
+    read_s, read = time.perf_counter() - start, resident_bytes() - before
+    del copy, folder
+    return {"pickle_s": pickle_s, "unpickle_s": unpickle_s, "bytes": len(pickled), "resident_bytes": added,
+            "read_every_path_s": read_s, "resident_after_reading_bytes": read, "shared_bytes": shared}
 
 
 def fit(xs, ys) -> tuple[float, float]:
@@ -191,9 +207,12 @@ def main() -> None:
     for name, (slope, intercept) in per_worker.items():
         print(f"{name}: {slope:.3f} per worker + {intercept:.2f}")
     print(f"one worker's copy of the dataset with {args.records:,} file paths: "
-          f"{copy['bytes'] / 2**20:.0f} MiB, "
-          f"pickled in {copy['pickle_s']:.2f} s, unpickled in {copy['unpickle_s']:.2f} s, "
-          f"{copy['resident_bytes'] / 2**20:.0f} MiB resident once unpickled")
+          f"{copy['bytes'] / 2**10:.0f} KiB, "
+          f"pickled in {copy['pickle_s'] * 1e3:.1f} ms, unpickled in {copy['unpickle_s'] * 1e3:.1f} ms, "
+          f"{copy['resident_bytes'] / 2**20:.1f} MiB resident once unpickled, "
+          f"{copy['resident_after_reading_bytes'] / 2**20:.1f} MiB after reading every path "
+          f"({copy['read_every_path_s']:.2f} s) of the {copy['shared_bytes'] / 2**20:.1f} MiB list "
+          "shared by every worker")
     print(json.dumps({
         "per_worker": {name: slope for name, (slope, _) in per_worker.items()},
         "fixed": {name: intercept for name, (_, intercept) in per_worker.items()},

@@ -123,6 +123,12 @@ class ImageFolder:
         return len(self.classes)
 
     @property
+    def file_list_nbytes(self) -> int:
+        """The bytes of its file names, held once by the process that listed them and mapped by
+        the processes that unpickle the folder."""
+        return self._names.nbytes
+
+    @property
     def labels(self) -> np.ndarray:
         """Every file's label (int32), in order."""
         return np.repeat(np.arange(self.num_classes, dtype=np.int32), np.diff(self._class_starts))
