@@ -173,8 +173,11 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
     log.touch()
     data.train = CountingSource(data.train, log)
     options = stream.PipelineOptions(workers=workers, read_threads=2, read_buffer=3, worker_buffer=2)
-    assert options.examples_ahead == (3 if workers == 0 else 2 * (3 + 2 * 2 + 2))
-    host = stream.HostBatches(data.train_dataset(0), 4, options)
+    # Batches of 4 travel as pieces of 4 (the largest divisor up to stream.PIECE).
+    assert options.examples_ahead(4) == 4 * (3 if workers == 0 else 2 * (3 + 2 * 2 + 2))
+    example_bytes = 16 * 16 * 3 + 4 + 3 * 4
+    assert options.host_bytes(example_bytes, 4) == (options.examples_ahead(4) + 2 * 4) * example_bytes
+    host = stream.HostBatches(data.train_dataset(0), 4, options, reuse=True)
     ahead = []
     try:
         for received in range(1, 9):
@@ -183,7 +186,7 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
             ahead.append(log.stat().st_size - 4 * received)
     finally:
         host.close()
-    assert 0 < max(ahead) <= options.examples_ahead, ahead
+    assert 0 < max(ahead) <= options.examples_ahead(4), ahead
 
 
 def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
@@ -199,19 +202,21 @@ def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
 def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_remedies(folder, monkeypatch):
     sizes = dict(num_workers=2, image_size=38, scale_range=(40, 44), eval_resize=40)
     options = stream.PipelineOptions.of(small_config(folder, **sizes))
-    assert options.examples_in_shared_memory == 2 * (2 * 4 + 2) + 50  # the defaults' worker buffers of 4
-    # A 38x38 crop (4,332 bytes) takes two pages; the lighting offset travels pickled.
-    need = options.examples_in_shared_memory * 2 * 4096
+    assert options.pieces_in_shared_memory == 2 * (2 * 4 + 2) + 50  # the defaults' worker buffers of 4
+    # small_config's batch of 4 travels in pieces of 4: 4 38x38 crops (17,328 bytes) take
+    # five pages; the lighting offsets (48 bytes) travel pickled.
+    assert options.piece_of(4) == 4
+    need = options.pieces_in_shared_memory * 5 * 4096
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need // 2)
-    with pytest.raises(DataError, match=r"/dev/shm has 0.3 MiB free, but the training pipeline needs up to "
-                                        r"0.5 MiB there: 70 examples in flight .* of 8192 bytes.*--shm-size"):
+    with pytest.raises(DataError, match=r"/dev/shm has 0.7 MiB free, but the training pipeline needs up to "
+                                        r"1.4 MiB there: 70 pieces of 4 examples in flight .* of 20480 bytes.*--shm-size"):
         stream.StreamedData(small_config(folder, **sizes), data_parallel(), ("train",))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
     example = {"image": np.zeros((38, 38, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
-    stream.check_shared_memory(options, example, "x")
+    stream.check_shared_memory(options, example, "x", 4)
     in_process = stream.PipelineOptions.of(small_config(folder, num_workers=0))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: 0)
-    stream.check_shared_memory(in_process, example, "x")  # no workers: no shared memory
+    stream.check_shared_memory(in_process, example, "x", 4)  # no workers: no shared memory
 
 
 def test_an_evaluation_whose_views_do_not_fit_in_shared_memory_is_refused_before_its_workers_start(

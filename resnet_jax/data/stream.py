@@ -314,13 +314,22 @@ class _RecordBucket:
 _LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                          "SLURM_NTASKS_PER_NODE")
 
-# Grain unlinks the shared memory of an example the consumer is done with on a background
+# Grain unlinks the shared memory of a piece the consumer is done with on a background
 # thread, with up to this many unlinks pending (`SharedMemoryArray.enable_async_del`'s
-# default): blocks already copied into a batch that may still occupy /dev/shm.
+# default): blocks already joined into a batch that may still occupy /dev/shm.
 _PENDING_SHM_UNLINKS = 50
-# A shared-memory block takes whole pages and a file: arrays smaller than a page (labels,
-# lighting offsets, multi-scale sizes) travel pickled instead (Grain's `min_shm_size`).
+# A shared-memory block takes whole pages and a file: arrays smaller than a page (a
+# piece's labels and lighting offsets) travel pickled instead (Grain's `min_shm_size`).
 _PAGE = 4096
+# Examples a worker stacks into one piece, the unit that crosses to the training process.
+# Each crossing costs a pickle, a shared-memory block per array (a file descriptor while
+# open) and a queue hand-over, tens of microseconds whatever its size: over 32 examples
+# that is about a microsecond per example, where one example per crossing cost hundreds
+# (benchmarks/RESULTS.md, the pre-decoded ceiling). Larger pieces gain little more and
+# multiply what each worker holds in flight (a 224x224 piece is 4.8 MB). A piece is the
+# largest divisor of the batch up to this, so that no piece straddles two batches (a multi-
+# scale evaluation batch holds one canvas size, the next one may hold another).
+PIECE = 32
 
 
 def auto_workers() -> int:
@@ -343,14 +352,16 @@ def auto_workers() -> int:
 @dataclasses.dataclass(frozen=True)
 class PipelineOptions:
     """How one host decodes examples: in `workers` processes (0: in this one), each reading
-    with `read_threads` threads and up to `read_buffer` examples submitted ahead, and
-    passing finished examples to this process through queues of `worker_buffer` (Grain's
-    `ReadOptions` and `MultiprocessingOptions`; the `dataset.` keys of the same names)."""
+    with `read_threads` threads and up to `read_buffer` pieces of `piece` examples
+    submitted ahead, and passing finished pieces to this process through queues of
+    `worker_buffer` pieces (Grain's `ReadOptions` and `MultiprocessingOptions`; the
+    `dataset.` keys of the same names)."""
 
     workers: int
     read_threads: int
     read_buffer: int
     worker_buffer: int
+    piece: int = PIECE
 
     @classmethod
     def of(cls, config: ml_collections.ConfigDict) -> PipelineOptions:
@@ -358,31 +369,41 @@ class PipelineOptions:
         workers = auto_workers() if d.num_workers == -1 else d.num_workers
         return cls(workers, d.read_threads, d.read_buffer_size, d.worker_buffer_size)
 
+    def piece_of(self, batch_size: int) -> int:
+        """Examples per piece for batches of `batch_size`: the largest divisor of it up to
+        `piece`, so that each piece lies within one batch."""
+        return max(d for d in range(1, min(self.piece, batch_size) + 1) if batch_size % d == 0)
+
     @property
-    def examples_in_shared_memory(self) -> int:
-        """Most examples in /dev/shm at once: per worker, one being queued, `worker_buffer`
+    def pieces_in_shared_memory(self) -> int:
+        """Most pieces in /dev/shm at once: per worker, one being queued, `worker_buffer`
         in its queue, `worker_buffer` in this process's buffer for it and one on its way
         there; and the consumed ones whose unlinking is pending. 0 without workers."""
         return self.workers * (2 * self.worker_buffer + 2) + _PENDING_SHM_UNLINKS if self.workers else 0
 
-    @property
-    def examples_ahead(self) -> int:
+    def examples_ahead(self, batch_size: int) -> int:
         """Most examples decoded (or being decoded) that the consumer has not yet received
-        in a batch, whenever it is not inside `next()`: the read buffer of this process
-        (0 workers), or each worker's read buffer plus what it has in flight towards this
-        process (`examples_in_shared_memory` less the pending unlinks). The batch being
-        assembled exists only inside `next()`, so host memory for examples is this many
-        times an example's size, plus the batch."""
+        in a batch, whenever it is not inside `next()`: pieces of `piece_of(batch_size)`,
+        the read buffer of this process (0 workers) or each worker's read buffer plus what
+        it has in flight towards this process (`pieces_in_shared_memory` less the pending
+        unlinks)."""
         if not self.workers:
-            return self.read_buffer
-        return self.workers * (self.read_buffer + 2 * self.worker_buffer + 2)
+            return self.read_buffer * self.piece_of(batch_size)
+        pieces = self.workers * (self.read_buffer + 2 * self.worker_buffer + 2)
+        return pieces * self.piece_of(batch_size)
+
+    def host_bytes(self, example_bytes: int, batch_size: int) -> int:
+        """The bound on this process's host memory for the pipeline's examples, in bytes:
+        the examples ahead (`examples_ahead`) and the `HostBatches.RING` batch buffers,
+        each example `example_bytes`; the workers' own footprint comes on top."""
+        return (self.examples_ahead(batch_size) + HostBatches.RING * batch_size) * example_bytes
 
 
-def shared_memory_bytes(example: Any) -> int:
-    """The /dev/shm an example takes between processes: each numpy array of a page or more
-    its own block of whole pages."""
-    return sum(-(-leaf.nbytes // _PAGE) * _PAGE for leaf in jax.tree_util.tree_leaves(example)
-               if isinstance(leaf, np.ndarray) and leaf.nbytes >= _PAGE)
+def shared_memory_bytes(example: Any, piece: int = 1) -> int:
+    """The /dev/shm a piece of `piece` examples like `example` takes between processes:
+    each stacked numpy array of a page or more its own block of whole pages."""
+    sizes = [piece * np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(example)]
+    return sum(-(-size // _PAGE) * _PAGE for size in sizes if size >= _PAGE)
 
 
 def _free_shared_memory(path: str = "/dev/shm") -> int | None:
@@ -391,19 +412,21 @@ def _free_shared_memory(path: str = "/dev/shm") -> int | None:
     return shutil.disk_usage(path).free if os.path.isdir(path) else None
 
 
-def check_shared_memory(options: PipelineOptions, example: Any, what: str) -> None:
-    """Refuses, naming the sizes and the ways out, a pipeline whose examples in flight
+def check_shared_memory(options: PipelineOptions, example: Any, what: str, batch_size: int) -> None:
+    """Refuses, naming the sizes and the ways out, a pipeline whose pieces in flight
     between worker processes would not fit in the free /dev/shm."""
-    need = options.examples_in_shared_memory * shared_memory_bytes(example)
+    piece = options.piece_of(batch_size)
+    need = options.pieces_in_shared_memory * shared_memory_bytes(example, piece)
     free = _free_shared_memory()
     if free is None or need <= free:
         return
     mib = 2**20
     raise DataError(
         f"/dev/shm has {free / mib:.1f} MiB free, but the {what} pipeline needs up to {need / mib:.1f} MiB "
-        f"there: {options.examples_in_shared_memory} examples in flight between its {options.workers} worker "
-        f"processes and this one (workers x (2 x dataset.worker_buffer_size + 2) + {_PENDING_SHM_UNLINKS}) "
-        f"of {shared_memory_bytes(example)} bytes. Give the container more shared memory (docker run "
+        f"there: {options.pieces_in_shared_memory} pieces of {piece} examples in flight between its "
+        f"{options.workers} worker processes and this one (workers x (2 x dataset.worker_buffer_size + 2) + "
+        f"{_PENDING_SHM_UNLINKS}) of {shared_memory_bytes(example, piece)} bytes. Give the container more "
+        f"shared memory (docker run "
         f"--shm-size=1g, Kubernetes: an emptyDir with medium Memory on /dev/shm), or lower "
         f"dataset.num_workers or dataset.worker_buffer_size."
     )
@@ -415,16 +438,22 @@ class HostBatches:
     stops the workers. The workers ignore SIGTERM and SIGINT, which reach every process of
     the group: this process decides what they mean (`input_workers`).
 
-    Workers hand over single examples, and each is copied into its batch here as it
-    arrives: a worker's buffer holds examples, never batches, and shared memory holds only
-    the examples in flight (`PipelineOptions.examples_in_shared_memory`). The examples come
-    in the dataset's order for any number of workers (Grain interleaves the workers' slices
-    round-robin). `check_shared_memory` first, where workers pass examples of a new size."""
+    Workers stack examples into pieces (`PipelineOptions.piece_of`), each crossing to this
+    process in one hand-over, and this process only copies the pieces into batch buffers.
+    With `reuse` the buffers are a ring of `RING`, allocated once: batch k is overwritten
+    by batch k + RING, so its user must be done with it by then (`DeviceBatches`); without,
+    each batch is fresh. The examples come in the dataset's order for any number of
+    workers (Grain interleaves the workers' slices round-robin). `check_shared_memory`
+    first, where workers pass examples of a new size."""
 
-    def __init__(self, dataset, batch_size: int, options: PipelineOptions):
+    # One buffer being filled while the previous batch's transfer to the devices completes.
+    RING = 2
+
+    def __init__(self, dataset, batch_size: int, options: PipelineOptions, reuse: bool = False):
         grain = _grain()
-        self.batch_size = batch_size
-        iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        self.batch_size, self.reuse = batch_size, reuse
+        pieces = dataset.batch(options.piece_of(batch_size))
+        iter_dataset = pieces.to_iter_dataset(grain.ReadOptions(
             num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer))
         if options.workers:
             from absl import flags
@@ -438,55 +467,122 @@ class HostBatches:
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=options.workers, per_worker_buffer_size=options.worker_buffer),
                 worker_init_fn=input_workers.init_input_worker)
-        self._examples = iter(iter_dataset)
+        self._pieces = iter(iter_dataset)
         self._workers_started = not options.workers
+        self._ring, self._turn = [], 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def _buffer(self, leaves) -> list[np.ndarray]:
+        shapes = [(self.batch_size, *np.shape(leaf)[1:]) for leaf in leaves]
+        if not self.reuse:
+            return [np.empty(shape, leaf.dtype) for shape, leaf in zip(shapes, leaves, strict=True)]
+        slot = self._turn % self.RING
+        self._turn += 1
+        if len(self._ring) <= slot or [b.shape for b in self._ring[slot]] != shapes:  # a new shape
+            self._ring[slot:slot + 1] = [[np.empty(shape, leaf.dtype) for shape, leaf in
+                                          zip(shapes, leaves, strict=True)]]
+        return self._ring[slot]
+
+    def __next__(self):
+        batch, treedef, filled = None, None, 0
+        while filled < self.batch_size:  # pieces divide the batch (the dataset's last may be short)
+            try:
+                leaves, treedef = jax.tree_util.tree_flatten(self._next_piece())
+            except StopIteration:
+                if batch is None:
+                    raise
+                return jax.tree_util.tree_unflatten(treedef, [leaf[:filled] for leaf in batch])
+            if batch is None:
+                batch = self._buffer(leaves)
+            size = len(leaves[0])
+            for column, leaf in zip(batch, leaves, strict=True):
+                column[filled:filled + size] = leaf
+            filled += size
+        return jax.tree_util.tree_unflatten(treedef, batch)
+
+    def _next_piece(self):
+        if self._workers_started:
+            return next(self._pieces)
+        # Grain starts the workers at the first request, from threads started by this one.
+        with input_workers.stop_signals_held():
+            self._workers_started = True
+            return next(self._pieces)
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+
+class DeviceBatches:
+    """Each process's share of the batches of `host_batches` (a `HostBatches` with `reuse`)
+    -> global arrays split over the `data` axis, transferred on a background thread up to
+    `prefetch` batches ahead of the one being used (and one more in transfer), so the
+    training thread only takes finished arrays. The thread waits for batch k's transfer
+    before it fills batch k + RING's buffer, the same one. An error of the pipeline is
+    raised here, at the batch it stopped; `close()` stops the thread (not the workers)."""
+
+    _END = object()
+
+    def __init__(self, host_batches, parallel: Parallel, prefetch: int):
+        import queue
+        import threading
+
+        self._host, self._parallel = host_batches, parallel
+        self._ready = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._transfer, name="host-to-device", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _transfer(self) -> None:
+        put = lambda x: jax.make_array_from_process_local_data(self._parallel.batch, x)  # noqa: E731
+        previous = None
+        try:
+            for batch in self._host:  # fills the buffer batch k - RING was transferred from
+                arrays = jax.tree_util.tree_map(put, batch)
+                if previous is not None:
+                    jax.block_until_ready(previous)
+                    if not self._put(previous):
+                        return
+                previous = arrays
+                if self._stop.is_set():
+                    return
+            if previous is not None:
+                jax.block_until_ready(previous)
+                if not self._put(previous):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # noqa: BLE001 - raised in the consumer's thread
+            self._put(error)
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self):
-        batch, treedef = None, None
-        for k in range(self.batch_size):
-            try:
-                example = self._next_example()
-            except StopIteration:
-                if batch is None:
-                    raise
-                return jax.tree_util.tree_unflatten(treedef, [leaf[:k] for leaf in batch])
-            leaves, treedef = jax.tree_util.tree_flatten(example)
-            if batch is None:
-                batch = [np.empty((self.batch_size, *np.shape(leaf)), np.asarray(leaf).dtype)
-                         for leaf in leaves]
-            for column, leaf in zip(batch, leaves, strict=True):
-                column[k] = leaf
-        return jax.tree_util.tree_unflatten(treedef, batch)
-
-    def _next_example(self):
-        if self._workers_started:
-            return next(self._examples)
-        # Grain starts the workers at the first request, from threads started by this one.
-        with input_workers.stop_signals_held():
-            self._workers_started = True
-            return next(self._examples)
+        item = self._ready.get()
+        if item is self._END:
+            self._ready.put(item)  # stays ended
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def close(self) -> None:
-        close = getattr(self._examples, "close", None)
-        if close is not None:
-            close()
-
-
-def _on_devices(host_batches, parallel: Parallel, prefetch: int) -> Iterator[Any]:
-    """Each process's share of a batch -> global arrays split over the `data` axis; up to
-    `prefetch` batches are transferred ahead of the one being used."""
-    waiting = collections.deque()
-    for batch in host_batches:
-        waiting.append(jax.tree_util.tree_map(
-            lambda x: jax.make_array_from_process_local_data(parallel.batch, np.asarray(x)), batch
-        ))
-        if len(waiting) > prefetch:
-            yield waiting.popleft()
-    while waiting:
-        yield waiting.popleft()
+        self._stop.set()
+        self._thread.join()
 
 
 class StreamedData:
@@ -508,7 +604,8 @@ class StreamedData:
         # The training examples are the largest the normalisation sample and the multi-
         # scale plan pass too; evaluation checks its own views (`eval_passes`).
         if self.pipeline.workers and self.config.num_train_steps:  # decodes one example, here
-            check_shared_memory(self.pipeline, self.train_dataset(0)[0], "training")
+            check_shared_memory(self.pipeline, self.train_dataset(0)[0], "training",
+                                self.config.batch_size // jax.process_count())
         self.normalization = self._normalization()
 
     def _normalization(self) -> Normalization:
@@ -541,11 +638,12 @@ class StreamedData:
     @contextlib.contextmanager
     def _batches(self, dataset, batch_size: int) -> Iterator[Iterator[StreamedBatch]]:
         """`dataset`'s examples in batches of this process's share of `batch_size`, on the devices."""
-        host = HostBatches(dataset, batch_size // jax.process_count(), self.pipeline)
+        host = HostBatches(dataset, batch_size // jax.process_count(), self.pipeline, reuse=False)
+        batches = DeviceBatches(host, self.parallel, self.config.dataset.prefetch_batches)
         try:
-            batches = _on_devices(host, self.parallel, self.config.dataset.prefetch_batches)
             yield (StreamedBatch(batch, self.normalization) for batch in batches)
         finally:
+            batches.close()
             host.close()
 
     def train_dataset(self, start_step: int):
@@ -622,19 +720,23 @@ class StreamedData:
             firsts = [0] if buckets is None else np.unique(buckets, return_index=True)[1]
             largest = max((examples.blank(int(position)) for position in firsts), key=shared_memory_bytes,
                           default={})
-            check_shared_memory(self.pipeline, largest, f"{mode} evaluation")
-        host = None
+            check_shared_memory(self.pipeline, largest, f"{mode} evaluation", share)
+        host, batches = None, None
 
         def one_pass() -> Iterator[StreamedBatch]:
-            nonlocal host
+            nonlocal host, batches
             if host is None:  # the examples repeat: a pass is the next num_batches batches
-                host = HostBatches(dataset.repeat(), share, self.pipeline)
-            batches = _on_devices(itertools.islice(host, num_batches), self.parallel,
-                                  self.config.dataset.prefetch_batches)
+                host = HostBatches(dataset.repeat(), share, self.pipeline, reuse=False)
+            if batches is not None:
+                batches.close()
+            batches = DeviceBatches(itertools.islice(host, num_batches), self.parallel,
+                                    self.config.dataset.prefetch_batches)
             return (StreamedBatch(batch, self.normalization) for batch in batches)
 
         try:
             yield one_pass
         finally:
+            if batches is not None:
+                batches.close()
             if host is not None:
                 host.close()
