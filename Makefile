@@ -4,8 +4,8 @@
 #   make test    set up .venv and run the tests
 #   make torch   torch's CPU build into .venv (weight conversion from torchvision)
 #   make wheelhouse  the wheels benchmarks/device_check.py needs on a GPU machine (docs: speed)
-# REQUIRE=torch,tfds,grain,fashion_mnist,native,gcs makes those optional test groups install
-# (torch, tfds, grain, gcs) and fail rather than skip when they cannot run; CI passes all six.
+# REQUIRE=torch,tfds,grain,dali,fashion_mnist,native,gcs makes those optional test groups install
+# (torch, tfds, grain, dali, gcs) and fail rather than skip when they cannot run; CI passes all seven.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,6 +36,7 @@ ARGS ?=
 # absl, etils, cloudpickle, protobuf, psutil, pyyaml) lacks to run benchmarks/device_check.py:
 # the project, ml_collections, and Grain with the two of its needs missing there; installed
 # there with `pip install --no-index --no-deps` (nothing is downloaded on that machine).
+# NVIDIA DALI, for the check's DALI row, is left out: 517 MB of wheels (RESULTS.md, GPU).
 WHEELHOUSE ?= .wheelhouse
 WHEELHOUSE_PLATFORM := --python-version 3.12 --implementation cp --abi cp312 \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
@@ -92,6 +93,7 @@ test: setup
 	$(if $(findstring torch,$(REQUIRE)),$(MAKE) --no-print-directory torch)
 	$(if $(findstring tfds,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[tfds]")
 	$(if $(findstring grain,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[stream]")
+	$(if $(findstring dali,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[dali]")
 	$(if $(findstring gcs,$(REQUIRE)),$(BIN)/python -m pip install -q -e ".[gcs]" "$(GCS_EMULATOR_SPEC)")
 	$(BIN)/python -m pytest --require=$(REQUIRE)
 

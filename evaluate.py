@@ -3,10 +3,12 @@
 python evaluate.py --workdir=runs/r20 [--step=latest|best|N] [--split=test]
 python evaluate.py --workdir=runs/imagenet_resnet50 --mode=center|ten_crop|multi_scale
     [--multi_scale_average=scores|probabilities] [--eval_batch_size=N] [--num_workers=N]
+    [--loader=grain|dali]
 
---eval_batch_size and --num_workers replace the run's eval_batch_size and
-dataset.num_workers, so that a run trained on many devices evaluates on one machine: the
-batch must be a positive multiple of this machine's device count (it is not rounded;
+--eval_batch_size, --num_workers and --loader replace the run's eval_batch_size,
+dataset.num_workers and dataset.loader, so that a run trained on many devices evaluates
+on one machine (and one trained through DALI on a GPU node evaluates where Grain decodes):
+the batch must be a positive multiple of this machine's device count (it is not rounded;
 anything else is refused with exit status 2 before anything compiles). An evaluation set
 smaller than the batch is scored as one batch of its own size, rounded up to the device
 count.
@@ -19,6 +21,7 @@ import sys
 import jax
 
 from resnet_jax import cli, scoring
+from resnet_jax.config import LOADERS
 from resnet_jax.data.image_records import STREAM_SPLITS
 from resnet_jax.data.sources import SPLITS
 from resnet_jax.evaluate import evaluate_workdir
@@ -30,10 +33,10 @@ def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
         raise cli.ConfigError(
             "evaluate.py takes no --config.* overrides: the run's saved config is used; "
             "flags: --workdir, --step, --split, --data_dir, --mode, --multi_scale_average, "
-            "--eval_batch_size, --num_workers"
+            "--eval_batch_size, --num_workers, --loader"
         )
     result = evaluate_workdir(args.workdir, args.step, args.split, args.data_dir, args.mode,
-                              args.multi_scale_average, args.eval_batch_size, args.num_workers)
+                              args.multi_scale_average, args.eval_batch_size, args.num_workers, args.loader)
     if jax.process_index() == 0:  # every process evaluates; one prints
         print(json.dumps(result))
 
@@ -56,7 +59,10 @@ def parser() -> argparse.ArgumentParser:
                    help="global eval batch, a positive multiple of the device count (default: the run's)")
     p.add_argument("--num_workers", type=int, default=None,
                    help="streamed datasets: decoding processes per host, -1 one per CPU core, 0 in this "
-                        "process (default: the run's dataset.num_workers)")
+                        "process (default: the run's dataset.num_workers); with DALI, its CPU threads")
+    p.add_argument("--loader", default=None, choices=LOADERS,
+                   help="streamed datasets: grain (host decoding) or dali (decoding on NVIDIA GPUs, "
+                        "pip install -e '.[dali]'); default: the run's dataset.loader")
     cli.add_distributed_flags(p)
     return p
 

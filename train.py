@@ -9,11 +9,19 @@ Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 
 import argparse
+import os
+import signal
 import sys
 
-from resnet_jax import cli
-from resnet_jax import config as config_lib
-from resnet_jax.train import train_and_evaluate
+try:  # JAX, Flax and Orbax load here: seconds, on a busy machine, in which a user may press Ctrl-C
+    from resnet_jax import cli
+    from resnet_jax import config as config_lib
+    from resnet_jax.train import train_and_evaluate
+except KeyboardInterrupt:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the message
+    print("\ninterrupted while starting: nothing was run or written", file=sys.stderr, flush=True)
+    # Not sys.exit: half-imported libraries' exit handlers could fail with tracebacks of their own.
+    os._exit(128 + signal.SIGINT)  # cli.run's status for Ctrl-C before training
 
 
 def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
@@ -40,4 +48,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser()))
+    status = cli.run(main, parser())
+    # Only the interpreter's exit is left: a Ctrl-C now would break libraries' exit handlers
+    # (tracebacks), and there is nothing left to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)

@@ -2,7 +2,7 @@
 paper's CIFAR schedule timed end to end, within a time budget, downloading nothing.
 
     python benchmarks/device_check.py --out DIR [--smoke] [--budget_s 420] \
-        [--fashion_mnist_dir /usr/share/datasets/fashion-mnist] [--workers K] ...
+        [--fashion_mnist_dir /usr/share/datasets/fashion-mnist] [--workers K] [--loaders grain,dali] ...
 
 Writes DIR/device_check.json and DIR/device_check.md (one table) and prints both. Every
 phase runs the project's own compiled training step (`resnet_jax.train`), the one
@@ -12,10 +12,13 @@ phase runs the project's own compiled training step (`resnet_jax.train`), the on
 - `imagenet`: the streamed-data step of the ImageNet recipe in bfloat16 (float32
   parameters and optimizer state), `--batch_per_device` images per device, at
   `--image_size`; compile seconds; images/s (a) with one batch already on the devices,
-  (b) with the batch copied from host memory at every step, (c) from the streamed
-  pipeline (`resnet_jax/data/stream.py`, Grain with `--workers` decoding processes) on a
-  generated folder of `--stream_images` JPEGs of ImageNet's typical size, or the reason
-  it was skipped (Grain absent); peak device memory (`memory_stats()`, where the backend
+  (b) with the batch copied from host memory at every step, (c) fed by each of
+  `--loaders` (`dataset.loader`, opened as `train.py` opens its data) from a generated
+  folder of `--stream_images` JPEGs of ImageNet's typical size: "grain", the host
+  pipeline (`resnet_jax/data/stream.py`) with `--workers` decoding processes, and "dali",
+  NVIDIA DALI decoding on the GPU ("mixed": nvJPEG; on the CPU where there is no GPU) with
+  `--workers` CPU threads; for each, the reason where it was skipped (its packages
+  absent) or could not start; peak device memory (`memory_stats()`, where the backend
   reports it); MFU = 6 x forward multiply-adds (`resnet_jax.count_macs`) x images/s
   over the devices' published dense bf16 peak (`PEAK_BF16_FLOPS`), null with the reason
   for a device not in that table;
@@ -29,8 +32,9 @@ Throughput is timed over `--steps` dispatches back to back after `--warmup_steps
 for the device once at the end, as training waits only at its log steps.
 
 `--smoke` runs the same code at tiny sizes (a ResNet-8, 32x32 images, a few steps, one
-Grain worker) so that CI proves the script on a CPU; any flag given explicitly overrides
-the mode's value. The prepared accelerator command is in benchmarks/RESULTS.md.
+Grain worker, one DALI thread) so that CI proves the script on a CPU, both loaders where
+DALI is installed; any flag given explicitly overrides the mode's value. The prepared
+accelerator command is in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from resnet_jax import backend, train
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs
 from resnet_jax.data import augment
-from resnet_jax.data.stream import Normalization, StreamedBatch, StreamedData
+from resnet_jax.data.sources import DataError
+from resnet_jax.data.stream import Normalization, StreamedBatch
 from resnet_jax.parallel import Parallel, data_parallel
 from resnet_jax.state import build_model, init_state
 
@@ -98,6 +103,7 @@ SIZES = {
     ),
 }
 JSON_NAME, TABLE_NAME = "device_check.json", "device_check.md"
+LOADER_NAMES = {"grain": "Grain", "dali": "DALI"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,7 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, help="ImageNet-phase crop side")
     p.add_argument("--steps", type=int, help="timed ImageNet-phase steps per measurement")
     p.add_argument("--warmup_steps", type=int, help="untimed steps before each measurement")
-    p.add_argument("--workers", type=int, help="Grain decoding processes of the streamed measurement")
+    p.add_argument("--workers", type=int, help="Grain decoding processes, and DALI CPU threads, of the "
+                   "loaders' measurements")
+    p.add_argument("--loaders", default=",".join(config_lib.LOADERS),
+                   help=f"comma-separated loaders to time ({', '.join(config_lib.LOADERS)})")
     p.add_argument("--stream_images", type=int, help="JPEGs in the generated image folder")
     p.add_argument("--jpeg_shape", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                    help="size of the generated JPEGs")
@@ -132,6 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.cifar_steps_per_dispatch = [int(v) for v in str(args.cifar_steps_per_dispatch).split(",")]
     except ValueError:
         p.error(f"--cifar_steps_per_dispatch={args.cifar_steps_per_dispatch}: comma-separated integers")
+    args.loaders = [name for name in args.loaders.split(",") if name]
+    unknown = [name for name in args.loaders if name not in config_lib.LOADERS]
+    if unknown or not args.loaders:
+        p.error(f"--loaders={','.join(args.loaders)}: comma-separated names among "
+                f"{', '.join(config_lib.LOADERS)}")
     for name in ("batch_per_device", "image_size", "steps", "workers", "stream_images", "cifar_batch_size",
                  "cifar_steps", "schedule_steps"):
         if getattr(args, name) < 1:
@@ -283,7 +297,9 @@ def imagenet_phase(args: argparse.Namespace, parallel: Parallel, scratch: Path) 
     state, seconds = timed_steps(step, state, lambda: StreamedBatch(to_devices(host_batch), norm), args.steps,
                                  args.warmup_steps, key)
     result["from_host"] = dict(images_per_sec=config.batch_size / seconds, step_ms=seconds * 1e3)
-    result["streamed"] = streamed_throughput(args, config, parallel, step, state, key)
+    result["loaders"] = {}
+    for loader in args.loaders:
+        state, result["loaders"][loader] = loader_throughput(args, config, parallel, step, state, key, loader)
 
     macs = count_macs(model, (1, args.image_size, args.image_size, 3))
     peak, peak_source = peak_flops(jax.devices()[0].device_kind)
@@ -296,18 +312,69 @@ def imagenet_phase(args: argparse.Namespace, parallel: Parallel, scratch: Path) 
     return result
 
 
-def streamed_throughput(args, config, parallel: Parallel, step, state, key: jax.Array) -> dict:
-    """Images/s of the step fed by the streamed pipeline on the generated folder."""
-    if importlib.util.find_spec("grain") is None or importlib.util.find_spec("PIL") is None:
-        return dict(skipped="grain or pillow is not installed (pip install -e '.[stream]')")
+def module_installed(name: str) -> bool:
+    """Whether `name` can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing ("nvidia" of "nvidia.dali")
+        return False
+
+
+def loader_unavailable(loader: str, config) -> str | None:
+    """Why `loader` cannot feed the step here, or None where it can."""
+    if loader == "grain":
+        if module_installed("grain") and module_installed("PIL"):
+            return None
+        return "grain or pillow is not installed (pip install -e '.[stream]')"
+    if module_installed("nvidia.dali") and module_installed("PIL"):
+        return None
+    from resnet_jax.data import dali
+
+    return (f"NVIDIA DALI is not installed ({dali.INSTALL}; its wheels are too large for the GPU "
+            "machine's wheelhouse, see benchmarks/RESULTS.md)")
+
+
+def dali_decoder() -> str:
+    """Where the DALI loader decodes on this backend: "mixed" (the GPU's nvJPEG) or "cpu"."""
+    from resnet_jax.data import dali
+
+    return dali.decoder_device(jax.devices()[0].platform)
+
+
+def loader_throughput(args, config, parallel: Parallel, step, state, key: jax.Array, loader: str):
+    """(state, figures): images/s of the step fed by `loader` from the generated folder, as
+    `train.py` opens it (`train.open_inputs`); or why it was skipped, or could not start
+    (a `DataError`: the other figures are still measured)."""
+    reason = loader_unavailable(loader, config)
+    if reason:
+        return state, dict(skipped=reason)
+    config = config.copy_and_resolve_references()
+    config.dataset.loader = loader
     start = time.perf_counter()
-    data = StreamedData(config, parallel, ("train",))
-    with data.train_batches(0) as batches:
-        opened_s = time.perf_counter() - start
+    with contextlib.ExitStack() as opened:
+        try:
+            inputs = train.open_inputs(config, parallel, ("train",))
+            batches = opened.enter_context(inputs.train_batches(0))
+        except DataError as error:
+            return state, dict(failed=str(error))
+        open_s = time.perf_counter() - start
         state, seconds = timed_steps(step, state, lambda: next(batches), args.steps, args.warmup_steps, key)
-    return dict(images_per_sec=config.batch_size / seconds, step_ms=seconds * 1e3, workers=args.workers,
-                images_in_folder=args.stream_images, jpeg_shape=list(args.jpeg_shape),
-                open_s=opened_s)
+    figures = dict(images_per_sec=config.batch_size / seconds, step_ms=seconds * 1e3,
+                   images_in_folder=args.stream_images, jpeg_shape=list(args.jpeg_shape), open_s=open_s)
+    if loader == "grain":
+        figures.update(workers=args.workers)
+    else:
+        figures.update(threads=args.workers, decoder=dali_decoder())
+    return state, figures
+
+
+def _loader_figure(loader: str, figures: dict) -> str:
+    for outcome in ("skipped", "failed"):
+        if outcome in figures:
+            return f"{outcome}: {figures[outcome]}"
+    detail = (f"{figures['workers']} decoding processes" if loader == "grain" else
+              f"decoding {figures['decoder']}, {figures['threads']} CPU threads")
+    return f"{figures['images_per_sec']:,.0f} ({detail})"
 
 
 def cifar_config(args: argparse.Namespace, steps_per_dispatch: int, num_train_steps: int):
@@ -381,9 +448,8 @@ def table(report: dict) -> str:
          f"{r50['on_device']['images_per_sec']:,.0f} ({r50['on_device']['step_ms']:.1f} ms/step)"),
         (f"{r50['model']} images/s, batch copied from host",
          f"{r50['from_host']['images_per_sec']:,.0f} ({r50['from_host']['step_ms']:.1f} ms/step)"),
-        (f"{r50['model']} images/s, streamed pipeline",
-         f"skipped: {r50['streamed']['skipped']}" if "skipped" in r50["streamed"] else
-         f"{r50['streamed']['images_per_sec']:,.0f} ({r50['streamed']['workers']} decoding processes)"),
+        *((f"{r50['model']} images/s, {LOADER_NAMES[loader]} loader", _loader_figure(loader, figures))
+          for loader, figures in r50["loaders"].items()),
         (f"{r50['model']} MFU (bf16, batch on device)",
          f"{r50['mfu']:.1%} of {r50['peak_flops_per_device'] / 1e12:,.0f} TFLOP/s" if r50["mfu"] is not None
          else f"- ({r50['peak_flops_source']})"),

@@ -131,10 +131,26 @@ class Manager(ocp.CheckpointManager):
     def __init__(self, workdir: epath.Path, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.checksums = integrity.Recorder(workdir, self.directory)
+        # The newest step whose save is complete, where a rerun would resume (None: none yet),
+        # and a save started since, which may have finished by now (None: none). Kept here
+        # because Orbax waits for the previous save before it starts the next one.
+        self.finished_step: int | None = self.latest_step()
+        self.unfinished_step: int | None = None
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        saved = super().save(step, *args, **kwargs)  # waits for the previous save first
+        if saved:
+            self.unfinished_step = step
+        return saved
 
     def wait_until_finished(self) -> None:
         super().wait_until_finished()
         self.checksums.wait()
+        self.finished_step, self.unfinished_step = self.latest_step(), None
+
+    def reload(self) -> None:
+        super().reload()  # after a damaged checkpoint was set aside, say
+        self.finished_step = self.latest_step()
 
 
 # What Orbax logs (as a warning, through absl) whenever a read-only manager opens: a note, not

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import absl.logging
+import jax
 
 from resnet_jax import backend, parallel
 from resnet_jax.checkpoint import WorkdirError
@@ -52,13 +53,16 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     group.add_argument("--num_processes", type=int, default=None)
     group.add_argument("--process_id", type=int, default=None)
+    group.add_argument("--heartbeat_timeout", type=int, default=parallel.HEARTBEAT_TIMEOUT_SECONDS,
+                       metavar="SECONDS", help="how long after a process stops answering the others stop")
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
     """Before anything touches a device: join the other processes, if any."""
     try:
         parallel.initialize_distributed(
-            args.distributed, args.coordinator_address, args.num_processes, args.process_id
+            args.distributed, args.coordinator_address, args.num_processes, args.process_id,
+            args.heartbeat_timeout,
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -74,14 +78,17 @@ def prepare_process() -> None:
 def run(main: Callable[[argparse.Namespace, list[tuple[str, str]]], Any],
         parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse flags and run `main(args, overrides)`, turning user errors into messages."""
-    prepare_process()
     try:
+        prepare_process()
         rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(rest)
         main(args, overrides)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError:  # where a process of the run died, it names it (docs/pods.md)
+        parallel.await_lost_process_verdict()
+        raise
     except KeyboardInterrupt:  # Ctrl-C outside training, where nothing is left to save (see preemption)
         print("\ninterrupted", file=sys.stderr)
         return ABORTED_EXIT_STATUS

@@ -40,6 +40,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.backend import CONV_PATHS
+from resnet_jax.data.dali import INSTALL as DALI_INSTALL
 from resnet_jax.data.image_records import STREAM_SPLITS, STREAMED_DATASETS, STREAMED_NUM_CLASSES
 from resnet_jax.data.sources import DATASETS, SPLITS, num_classes
 from resnet_jax.models import SHORTCUTS, model_spec
@@ -51,9 +52,13 @@ PAPER_CIFAR_STEPS = 64_000
 # The paper's ImageNet schedule (Sec. 3.4): 60e4 iterations of 256 images.
 PAPER_IMAGENET_STEPS = 600_000
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
+# The pod recipe's examples per BN statistics group: Goyal et al.'s 32 images per GPU.
+POD_BN_GROUP_SIZE = 32
 # Small datasets are augmented on the device, streamed ones on the host: each has its own.
 IN_MEMORY_AUGMENTATIONS = ("pad_crop_flip", "none")
 STREAMED_AUGMENTATIONS = ("scale_crop_flip", "random_resized_crop", "none")
+# What decodes streamed datasets: Grain's host workers, or DALI on NVIDIA GPUs (data/dali.py).
+LOADERS = ("grain", "dali")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel_mean_std")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -127,6 +132,9 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
             # worker_buffer_size + 2) (`stream.PipelineOptions.examples_ahead`).
             num_workers=Logistics(-1), prefetch_batches=Logistics(2), read_threads=Logistics(2),
             read_buffer_size=Logistics(4), worker_buffer_size=Logistics(4),
+            # Streamed datasets: "grain" (host workers) or "dali" (GPU decoding; the same
+            # images and views, the pixels to the resampler's rounding, so a run may switch).
+            loader=Logistics("grain"),
         )
     )
     config.batch_size = 128
@@ -147,8 +155,9 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
     # (conv and FC kernels, FC biases, BN scales and offsets): "kernels" leaves out the last three.
     config.weight_decay_on = "all"
     config.label_smoothing = 0.0
-    # Examples per BatchNorm statistics group; 0: the whole global batch. The paper's
-    # two-GPU CIFAR runs normalised over 64 examples each.
+    # Examples per BatchNorm statistics group in training (consecutive examples of the
+    # batch, so a group lies on one device where it divides the per-device batch); 0: the
+    # whole global batch. The paper's two-GPU CIFAR runs normalised over 64 examples each.
     config.bn_group_size = 0
     config.steps_per_dispatch = 1
     config.eval_every_steps = Logistics(2000)
@@ -215,7 +224,10 @@ def imagenet_pod_recipe(model: str, batch_size: int, epochs: int = 90) -> ml_col
     initialised to zero, random-resized-crop (area 8-100%, aspect 3/4-4/3) and flip,
     per-channel mean/std normalisation, no lighting, weight decay on conv and FC kernels
     only (Goyal et al. leave BN's scales and offsets undecayed; the FC bias is left too); `epochs` over the
-    1,281,167 images.
+    1,281,167 images. BN statistics over groups of 32 examples (Goyal et al.'s 32 images per
+    GPU), not over the global batch: a group on one device needs no all-reduce, where the
+    global batch's statistics cost two dependent all-reduces per BN layer in the forward
+    pass across every device (a group spans devices where a device holds fewer than 32).
     """
     config = imagenet_recipe(model)
     config.model.dtype = "bfloat16"
@@ -234,6 +246,7 @@ def imagenet_pod_recipe(model: str, batch_size: int, epochs: int = 90) -> ml_col
     config.lr_warmup_fraction = 5 / epochs
     config.label_smoothing = 0.1
     config.weight_decay_on = "kernels"
+    config.bn_group_size = POD_BN_GROUP_SIZE
     config.eval_every_steps = round(steps_per_epoch) * 5
     config.checkpoint_every_steps = round(steps_per_epoch)
     return config
@@ -544,17 +557,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(group == 0 or (group > 0 and config.batch_size % group == 0), "bn_group_size", group,
              f"0 (whole batch) or a divisor of batch_size ({config.batch_size})")
     _require(group == 0 or per_device % group == 0 or group % per_device == 0, "bn_group_size", group,
-             f"a divisor or multiple of the per-device batch ({per_device}), so groups align with devices")
+             f"a divisor of the per-device batch ({config.batch_size} / {num_devices} devices = "
+             f"{per_device}: each group's statistics stay on its device) or a multiple of it (each "
+             "group then spans whole devices, which all-reduce its statistics among themselves)")
 
 
 def check_evaluation(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Refuse an eval batch or worker count that cannot run on `num_devices`: the keys
-    evaluate.py may override at evaluation time (a run evaluated on other devices)."""
+    """Refuse an eval batch, worker count or loader that cannot run on `num_devices`: the
+    keys evaluate.py may override at evaluation time (a run evaluated on other devices)."""
     _require(config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0, "eval_batch_size",
              config.eval_batch_size, f"a positive multiple of the device count ({num_devices})")
     _require(config.dataset.num_workers >= -1, "dataset.num_workers", config.dataset.num_workers,
              "-1 (the CPUs this process may use, shared among the host's training processes), "
              "0 (in the main process) or a number of processes")
+    loader, name = config.dataset.loader, config.dataset.name
+    _require(loader in LOADERS, "dataset.loader", loader,
+             f"'grain' (the default: decoding on the host) or 'dali' (decoding on NVIDIA GPUs, "
+             f"{DALI_INSTALL})")
+    _require(name in STREAMED_DATASETS or loader == "grain", "dataset.loader", loader,
+             f"'grain' for {name}, which lives on the devices; 'dali' reads the streamed datasets "
+             f"({', '.join(STREAMED_DATASETS)})")
 
 
 def _check_dataset(dataset: ml_collections.ConfigDict) -> None:

@@ -28,15 +28,15 @@ from resnet_jax.workdir import check_reachable, workdir_path
 def evaluate_workdir(workdir: str | os.PathLike[str], step: str | int | None = "latest",
                      split: str | None = None, data_dir: str | None = None, mode: str = "center",
                      average: str = "scores", eval_batch_size: int | None = None,
-                     num_workers: int | None = None) -> dict:
+                     num_workers: int | None = None, loader: str | None = None) -> dict:
     """{'step', 'mode', 'error', 'top5_error', 'loss', 'num_examples'} of a checkpoint on a
     split (default: the eval split the run was trained with), scored as `mode` says
     (multi_scale: also 'average', where its softmax and averages happen, `scoring.AVERAGES`).
 
-    `eval_batch_size` (a positive multiple of the device count) and `num_workers` (a
-    streamed dataset's decoding processes, as `dataset.num_workers`) replace the run's
-    values; they change how the work is split, not the scores (to float rounding of the
-    mean loss)."""
+    `eval_batch_size` (a positive multiple of the device count), `num_workers` (a
+    streamed dataset's decoding processes, as `dataset.num_workers`) and `loader` (its
+    `dataset.loader`) replace the run's values; they change how the work is split, not the
+    scores (to float rounding of the mean loss; another loader, to its resampler's rounding)."""
     if mode not in scoring.MODES:
         raise ConfigError(f"--mode={mode!r} is not accepted; expected one of {', '.join(scoring.MODES)}")
     if average not in scoring.AVERAGES:
@@ -64,7 +64,7 @@ def evaluate_workdir(workdir: str | os.PathLike[str], step: str | int | None = "
     if data_dir is not None:
         config.dataset.data_dir = data_dir
     parallel = data_parallel()
-    with_evaluation_settings(config, eval_batch_size, num_workers, parallel.num_devices)
+    with_evaluation_settings(config, eval_batch_size, num_workers, parallel.num_devices, loader)
     inputs = open_inputs(config, parallel, ("eval",))
     with_dataset_classes(config, inputs.num_classes)  # refuses data with other classes than the run's
     step_number = checkpoint_step(workdir, step)  # once: "latest" must not move in between
@@ -77,20 +77,22 @@ def evaluate_workdir(workdir: str | os.PathLike[str], step: str | int | None = "
 
 
 def with_evaluation_settings(config, eval_batch_size: int | None, num_workers: int | None,
-                             num_devices: int) -> None:
-    """Set the eval batch and worker count given (None: the run's) on `config`, and refuse
+                             num_devices: int, loader: str | None = None) -> None:
+    """Set the eval batch, worker count and loader given (None: the run's) on `config`, and refuse
     values that cannot run on these devices, the run's own included (an eval batch of a
     pod that does not divide over this machine's devices), before anything is read."""
     if eval_batch_size is not None:
         config.eval_batch_size = eval_batch_size
     if num_workers is not None:
         config.dataset.num_workers = num_workers
+    if loader is not None:
+        config.dataset.loader = loader
     try:
         check_evaluation(config, num_devices)
     except ConfigError as error:
-        raise ConfigError(f"{error}; evaluate.py's --eval_batch_size and --num_workers replace the run's "
-                          f"values (now eval_batch_size={config.eval_batch_size}, "
-                          f"num_workers={config.dataset.num_workers})") from None
+        raise ConfigError(f"{error}; evaluate.py's --eval_batch_size, --num_workers and --loader replace the "
+                          f"run's values (now eval_batch_size={config.eval_batch_size}, num_workers="
+                          f"{config.dataset.num_workers}, loader={config.dataset.loader})") from None
 
 
 def checkpoint_step(workdir: os.PathLike[str], step: str | int | None) -> int:

@@ -34,8 +34,8 @@ def needed(config: ml_collections.ConfigDict, debian_dir_exists: bool) -> list[s
     if not dataset.data_dir:  # named datasets without local files are read through TFDS
         # tfds-prepare: tensorflow, which prepares a TFDS dataset the first time.
         items += ["extra:tfds"] + ([] if dataset.name in STREAMED_DATASETS else ["extra:tfds-prepare"])
-    if dataset.name in STREAMED_DATASETS:
-        items.append("extra:stream")
+    if dataset.name in STREAMED_DATASETS:  # the loader's own extra: Grain, or DALI
+        items.append("extra:dali" if dataset.loader == "dali" else "extra:stream")
     return items
 
 

@@ -26,10 +26,12 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 __all__ = [
     "BasicBlock",
+    "BatchNorm",
     "BottleneckBlock",
     "ResNet",
     "RESPONSES",
@@ -59,18 +61,82 @@ def _conv(conv: ModuleDef, features: int, kernel: int, strides: int, dtype: Any,
     )
 
 
-def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any, name: str,
-                scale_init: Callable = nn.initializers.ones) -> nn.BatchNorm:
-    """Every BN layer of these nets.
+class BatchNorm(nn.Module):
+    """BatchNorm over the batch, or over each group of `group_size` consecutive examples.
 
-    The batch variance is the mean squared deviation (two passes, as PyTorch), not Flax's
-    default E[x^2] - E[x]^2: that cancels catastrophically in channels whose mean is large
-    against their spread, and its rounding then depends on the order of summation, so
-    runs on 1 and on 8 devices drifted apart with it (`tests/test_models.py` holds a
-    channel whose mean dwarfs its spread); the extra pass costs little (RESULTS.md).
+    Under `jit` with the batch split over devices, statistics over the whole batch make
+    XLA insert two dependent all-reduces per layer in the forward pass (the mean, then the
+    squared deviations from it), on the critical path of a step across hundreds of devices.
+    With `group_size` G the batch (B, ...) is viewed as (B/G, G, ...) and each group of G
+    consecutive examples is normalised by its own statistics, as Goyal et al. (2017) did
+    with 32 images per GPU: where G divides each device's share of the batch, a group lies
+    on one device and its statistics need no communication; where G is a multiple of it, a
+    group spans whole devices and only they all-reduce its statistics. The running statistics move
+    toward the groups' mean and variance averaged over the groups (a reduction that
+    nothing in the step waits for, which XLA merges with the gradients'). Evaluation
+    (`use_running_average`) uses the running statistics, whatever G.
+
+    The batch variance is the mean squared deviation (two passes, as PyTorch), not the
+    one-pass E[x^2] - E[x]^2 of Flax's `nn.BatchNorm(use_fast_variance=True)` default:
+    that cancels catastrophically in channels whose mean is large against their spread,
+    and its rounding then depends on the order of summation, so runs on 1 and on 8
+    devices drifted apart with it (`tests/test_models.py` holds a channel whose mean
+    dwarfs its spread); the extra pass costs little (RESULTS.md). Otherwise it computes as
+    `nn.BatchNorm(use_fast_variance=False)`, with the same variables (params "scale" and
+    "bias", batch_stats "mean" and "var"), so checkpoints and converted weights fit either.
     """
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=momentum, epsilon=epsilon, use_fast_variance=False,
+
+    use_running_average: bool = False
+    group_size: int = 0  # examples per statistics group; 0: the whole batch is one group
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32  # of the output; statistics are float32 at least
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        features = (x.shape[-1],)
+        scale = self.param("scale", self.scale_init, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        if self.use_running_average:
+            return self.normalize(x, running_mean.value, running_var.value, scale, bias)
+        groups = statistics_groups(x, self.group_size)  # (groups, G, ..., C)
+        within_group = tuple(range(1, groups.ndim - 1))
+        wide = groups.astype(jnp.promote_types(x.dtype, jnp.float32))
+        mean = wide.mean(within_group, keepdims=True)
+        var = jnp.square(wide - mean).mean(within_group, keepdims=True)
+        if not self.is_initializing():
+            for running, batch in ((running_mean, mean), (running_var, var)):
+                over_groups = batch.reshape(-1, *features).mean(0)
+                running.value = self.momentum * running.value + (1 - self.momentum) * over_groups
+        return self.normalize(groups, mean, var, scale, bias).reshape(x.shape)
+
+    def normalize(self, x, mean, var, scale, bias) -> jnp.ndarray:
+        """(x - mean) / sqrt(var + epsilon) x scale + bias, in Flax's order of operations."""
+        return jnp.asarray((x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias, self.dtype)
+
+
+def statistics_groups(x: jnp.ndarray, group_size: int) -> jnp.ndarray:
+    """x (B, ...) viewed as (B / group_size, group_size, ...), consecutive examples
+    together; group_size 0: one group of the whole batch."""
+    batch = x.shape[0]
+    size = group_size or batch
+    if size < 0 or batch % size:
+        raise ValueError(
+            f"BatchNorm group_size={group_size} does not divide the batch of {batch} examples: "
+            "each group of group_size consecutive examples is normalised on its own statistics; "
+            f"accepted: a divisor of {batch}, or 0 for statistics over the whole batch"
+        )
+    return x.reshape(batch // size, size, *x.shape[1:])
+
+
+def _batch_norm(train: bool, momentum: float, epsilon: float, group_size: int, dtype: Any, name: str,
+                scale_init: Callable = nn.initializers.ones) -> BatchNorm:
+    """Every BN layer of these nets."""
+    return BatchNorm(
+        use_running_average=not train, group_size=group_size, momentum=momentum, epsilon=epsilon,
         dtype=dtype, name=name, scale_init=scale_init,
     )
 
@@ -95,6 +161,7 @@ class _Block(nn.Module):
     zero_init_residual: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_group_size: int = 0  # examples per BN statistics group in training (see BatchNorm)
     dtype: Any = jnp.float32
     conv: ModuleDef = nn.Conv  # builds each convolution layer (see the module's docstring)
 
@@ -103,9 +170,9 @@ class _Block(nn.Module):
     def conv_layer(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
         return _conv(self.conv, features, kernel, strides, self.dtype, name)
 
-    def norm(self, train: bool, name: str, zero_scale: bool = False) -> nn.BatchNorm:
+    def norm(self, train: bool, name: str, zero_scale: bool = False) -> BatchNorm:
         return _batch_norm(
-            train, self.bn_momentum, self.bn_epsilon, self.dtype, name,
+            train, self.bn_momentum, self.bn_epsilon, self.bn_group_size, self.dtype, name,
             scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
         )
 
@@ -186,6 +253,7 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_group_size: int = 0  # examples per BN statistics group in training (see BatchNorm)
     dtype: Any = jnp.float32
     conv: ModuleDef = nn.Conv  # builds each convolution layer (see the module's docstring)
 
@@ -197,6 +265,11 @@ class ResNet(nn.Module):
         if len(self.widths) != len(self.stage_sizes):
             raise ValueError(
                 f"widths {self.widths} and stage_sizes {self.stage_sizes} must have the same length"
+            )
+        if self.bn_group_size < 0:
+            raise ValueError(
+                f"bn_group_size={self.bn_group_size}: expected 0 (BN statistics over the whole batch) "
+                "or the number of consecutive examples in each statistics group"
             )
         if self.zero_init_residual and not self.residual:
             raise ValueError(
@@ -212,7 +285,7 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         features, kernel, strides = (16, 3, 1) if self.stem == "cifar" else (64, 7, 2)
         x = _conv(self.conv, features, kernel, strides, self.dtype, "conv1")(x)
-        x = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype, "bn1")(x)
+        x = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.bn_group_size, self.dtype, "bn1")(x)
         if self.stem == "cifar":
             self.sow(RESPONSES, "stem_response", x)  # the CIFAR stem is a 3x3 layer too
         x = nn.relu(x)
@@ -230,6 +303,7 @@ class ResNet(nn.Module):
                     zero_init_residual=self.zero_init_residual,
                     bn_momentum=self.bn_momentum,
                     bn_epsilon=self.bn_epsilon,
+                    bn_group_size=self.bn_group_size,
                     dtype=self.dtype,
                     conv=self.conv,
                     name=f"conv{i + 2}_{j + 1}",
@@ -326,6 +400,7 @@ def create_model(name: str, **overrides: Any) -> ResNet:
 
     Overrides are any `ResNet` field: `num_classes`, `dtype`, `shortcut` ("A", "B", "C"),
     `stride_in_1x1` (v1 bottlenecks), `zero_init_residual`, `bn_momentum`, `bn_epsilon`,
+    `bn_group_size` (examples per BN statistics group in training; 0: the whole batch),
     `conv` (what builds each convolution layer: `nn.Conv` by default).
     Plain nets have no shortcut, so a `shortcut` override is refused for them.
     """

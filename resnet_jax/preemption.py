@@ -33,6 +33,8 @@ from resnet_jax.data.input_workers import STOP_SIGNALS
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
 
+    from resnet_jax import checkpoint
+
 # What a shell reports for a process that Ctrl-C ended: 128 + SIGINT.
 ABORTED_EXIT_STATUS = 128 + signal.SIGINT
 
@@ -46,6 +48,8 @@ class PreemptionWatcher:
 
     def __init__(self):
         self._signalled = threading.Event()
+        self.stopped_by = "preempted"  # how the run's last line names the stop: "interrupted" for Ctrl-C
+        self._mngr: checkpoint.Manager | None = None
         self._previous_handlers: dict[int, object] = {}
         self._previous_wakeup_fd = -1
         self._wakeup_write_fd: int | None = None
@@ -75,12 +79,17 @@ class PreemptionWatcher:
                 for signum in signums:
                     if signum == signal.SIGINT:
                         interrupts += 1
+                        self.stopped_by = "interrupted"
                         if interrupts > 1:
-                            _abort()
+                            _abort(self._mngr)
                         print("\ninterrupted: saving a checkpoint of the current step, then stopping "
                               "(Ctrl-C again stops at once, without saving it)", file=sys.stderr, flush=True)
                     if signum in STOP_SIGNALS:
                         self._signalled.set()
+
+    def watch_checkpoints(self, mngr: checkpoint.Manager) -> None:
+        """The run's checkpoints, so that a second Ctrl-C says where a rerun resumes."""
+        self._mngr = mngr
 
     def reached(self, step: int, mngr: ocp.CheckpointManager) -> bool:
         if jax.process_count() > 1:
@@ -88,10 +97,24 @@ class PreemptionWatcher:
         return self._signalled.is_set()
 
 
-def _abort() -> None:
+def _abort(mngr: checkpoint.Manager | None) -> None:
     """The second Ctrl-C: end the process now (its input workers, which ignore the signal, end
-    with it). A save in flight never counts (Orbax commits a checkpoint by renaming it into
-    place), so the last finished one is where a rerun resumes."""
-    print("\ninterrupted again: stopped at once; rerun the same command to resume from the last "
-          "checkpoint", file=sys.stderr, flush=True)
+    with it), saying where a rerun resumes."""
+    print(f"\ninterrupted again: stopped at once; {rerun_hint(mngr)}", file=sys.stderr, flush=True)
     os._exit(ABORTED_EXIT_STATUS)
+
+
+def rerun_hint(mngr: checkpoint.Manager | None) -> str:
+    """Where a rerun resumes, by `mngr`'s saves (None: the workdir is not read yet). A save in
+    flight never counts (Orbax commits a checkpoint by renaming it into place), so the last
+    finished one, if any, is where a rerun resumes; of a save under way only the next save
+    or a wait would tell that it has finished."""
+    if mngr is None:  # still setting up: the workdir's checkpoints are not read yet
+        return "rerun the same command to resume from the run's last checkpoint, if it has one"
+    if mngr.unfinished_step is not None:
+        before = f"from that of step {mngr.finished_step}" if mngr.finished_step else "from scratch"
+        return (f"rerunning the same command resumes from the checkpoint of step {mngr.unfinished_step} "
+                f"if its save had finished, else {before}")
+    if mngr.finished_step is None:
+        return "no checkpoint was saved yet, so rerunning the same command starts from scratch"
+    return f"rerun the same command to resume from the checkpoint of step {mngr.finished_step}"

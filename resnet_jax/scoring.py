@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.data.augment import inside
-from resnet_jax.models import ResNet
+from resnet_jax.models import BatchNorm, ResNet
 
 MODES = ("center", "ten_crop", "multi_scale")
 AVERAGES = ("scores", "probabilities")
@@ -71,7 +71,7 @@ def spatial_scores(model: ResNet, variables: dict, images: jnp.ndarray, valid: j
             return next_fun(*args, **kwargs)
         if isinstance(context.module, nn.Conv):
             return next_fun(masked(args[0]), *args[1:], **kwargs)
-        if isinstance(context.module, nn.BatchNorm):
+        if isinstance(context.module, BatchNorm):
             return masked(next_fun(*args, **kwargs))
         return next_fun(*args, **kwargs)
 

@@ -63,6 +63,7 @@ def build_model(config: ml_collections.ConfigDict) -> ResNet:
         dtype=jnp.dtype(config.model.dtype),
         zero_init_residual=config.model.zero_init_residual,
         stride_in_1x1=config.model.stride_in_1x1,
+        bn_group_size=config.bn_group_size,
     )
     if config.model.shortcut:
         overrides["shortcut"] = config.model.shortcut

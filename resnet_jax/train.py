@@ -33,7 +33,7 @@ from etils import epath
 from resnet_jax import backend, checkpoint, compile_cache, integrity, schedules, scoring
 from resnet_jax import config as config_lib
 from resnet_jax.complexity import count_macs, count_params
-from resnet_jax.data import memory, stream
+from resnet_jax.data import dali, memory, stream
 from resnet_jax.data.augment import normalization_stats
 from resnet_jax.data.image_records import STREAMED_DATASETS
 from resnet_jax.data.sources import load_split
@@ -47,23 +47,6 @@ from resnet_jax.workdir import check_reachable, is_object_storage, workdir_path
 # What a step of each kind of data receives as `inputs`.
 TrainInputs = memory.DeviceData | stream.StreamedBatch
 EvalInputs = memory.EvalBatchIndex | stream.StreamedBatch
-
-
-def _apply_train(model: ResNet, variables: dict, images: jnp.ndarray, bn_group_size: int):
-    """Training-mode forward pass: (logits, new batch_stats).
-
-    With `bn_group_size`, BN normalises each group of that many examples on its own
-    statistics (the paper's per-GPU BN); the groups' running statistics are averaged.
-    """
-    if not bn_group_size or bn_group_size == images.shape[0]:
-        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        return logits, updates["batch_stats"]
-    groups = images.reshape(-1, bn_group_size, *images.shape[1:])
-    logits, updates = jax.vmap(
-        lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])
-    )(groups)
-    batch_stats = jax.tree_util.tree_map(lambda s: s.mean(axis=0), updates["batch_stats"])
-    return logits.reshape(-1, logits.shape[-1]), batch_stats
 
 
 def make_train_step(
@@ -112,12 +95,12 @@ def _compile_train_step(config: ml_collections.ConfigDict, model: ResNet, parall
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, batch_stats = _apply_train(model, variables, images, config.bn_group_size)
+            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
             targets = optax.smooth_labels(
                 jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing
             )
             loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-            return loss, (logits, batch_stats)
+            return loss, (logits, updates["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         opt_state = schedules.with_learning_rate(state.opt_state, schedule(state.step, state.lr_warmup_end))
@@ -289,11 +272,13 @@ class DeviceInputs:
 
 
 class StreamInputs:
-    """A large dataset streamed by the host pipeline: every step gets its own batch."""
+    """A large dataset streamed by the host pipeline (`dataset.loader`: Grain, or DALI on
+    GPU nodes): every step gets its own batch."""
 
     def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel, roles: tuple[str, ...]):
         self.config, self.parallel = config, parallel
-        self.data = stream.StreamedData(config, parallel, roles)
+        loader = dali.DaliData if config.dataset.loader == "dali" else stream.StreamedData
+        self.data = loader(config, parallel, roles)
         self.num_classes = self.data.num_classes
         if "eval" in roles:
             self.eval_batch_size = self.data.eval_batch_size
@@ -419,6 +404,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     model = build_model(config)
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     mngr, start, state = _restore_or_init(config, model, workdir, parallel, init_key, allow_config_change)
+    preemption.watch_checkpoints(mngr)
     train_step = inputs.train_step(model)
     schedule = schedules.learning_rate_schedule(config)
     writer = MetricWriter(workdir, config.tensorboard, note_missing=start == 0)
@@ -506,8 +492,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 checkpoint.save(mngr, step, state, last_eval if evaluated else None)
             if preempted:
                 checkpoint.wait_until_recorded(mngr)
-                print(f"preempted: saved the checkpoint of step {step}; rerun the same command to resume",
-                      flush=True)
+                print(f"{preemption.stopped_by}: saved the checkpoint of step {step}; rerun the same command "
+                      "to resume", flush=True)
                 return {"preempted_at_step": step}
             if logged:  # evaluation and saving stay out of the next interval's throughput
                 interval_start, timed_steps = time.perf_counter(), 0

@@ -2,18 +2,21 @@
 devices, `XLA_FLAGS=--xla_force_host_platform_device_count=8`, set before JAX starts) and
 printed as one JSON line for tests/test_compiled_step.py to check.
 
-    python -m tests.compiled_step_probe memory|stream|memory_per_device_bn DATA_DIR [WORKDIR]
+    python -m tests.compiled_step_probe memory|stream|memory_per_device_bn|memory_paired_bn DATA_DIR [WORKDIR]
 
 The step is built as `train_and_evaluate` builds it (`open_inputs`, `build_model`,
 `init_state`), from a tiny bfloat16 config; then, given a WORKDIR, `train_and_evaluate`
 itself runs 20 steps while every host read of a device array's value is counted.
 "memory_per_device_bn" is "memory" with BN statistics per device (`bn_group_size` = the
-2 examples of each device) rather than over the global batch.
+2 examples of each device) rather than over the global batch; "memory_paired_bn" with BN
+statistics over groups of 4 examples, each spanning 2 devices (as the pod recipe's groups
+of 32 do on 256 devices at its batch of 4,096).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import threading
@@ -29,11 +32,19 @@ from resnet_jax.parallel import data_parallel
 from resnet_jax.state import build_model, init_state
 
 NUM_STEPS, LOG_EVERY, EVAL_EVERY = 20, 5, 10
+# The devices each BN statistics group spans, by kind of probe.
+BN_GROUP_DEVICES = {"memory_per_device_bn": 1, "memory_paired_bn": 2}
 # An HLO instruction: `%name = <shape> opcode(`; the shape may be a tuple `(...)`.
 _HLO_OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
 _CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 # StableHLO: `stablehlo.convolution(...) ... : (tensor<AxBxbf16>, tensor<...>) -> ...`
 _OPERAND_TYPES = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->")
+# The forms an HLO collective's replica_groups take: a mesh and the axes reduced over
+# (`mesh['axis_0'=4,'axis_1'=2] {'axis_1'}`), an iota tile (`[4,2]<=[8]`, groups of the
+# last size), or the groups listed (`{{0,1},{2,3}}`).
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 
 
 def tiny_config(kind: str, data_dir: str):
@@ -50,8 +61,8 @@ def tiny_config(kind: str, data_dir: str):
     config.log_every_steps = LOG_EVERY
     config.eval_every_steps = config.checkpoint_every_steps = EVAL_EVERY
     config.tensorboard = False
-    if kind == "memory_per_device_bn":
-        config.bn_group_size = config.batch_size // jax.device_count()
+    per_device = config.batch_size // jax.device_count()
+    config.bn_group_size = BN_GROUP_DEVICES.get(kind, 0) * per_device  # 0: over the global batch
     return config
 
 
@@ -70,11 +81,23 @@ def operand_types(stablehlo: str, op: str) -> list[list[str]]:
     return found
 
 
+def replica_group_size(instruction: str) -> int | str:
+    """How many devices each replica group of an HLO collective instruction holds."""
+    if match := _MESH_GROUPS.search(instruction):
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", match.group(1)))
+        return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", match.group(2)))
+    if match := _IOTA_GROUPS.search(instruction):
+        return int(match.group(1).split(",")[-1])
+    if match := _LISTED_GROUPS.search(instruction):
+        return len(match.group(1).split(","))
+    return f"unparsed: {instruction.strip()[:200]}"
+
+
 def hlo_facts(hlo: str) -> dict:
-    """Opcode counts, custom-call targets, the operands of each all-reduce, and the
-    parameters aliased to outputs (donation) of a compiled HLO module."""
+    """Opcode counts, custom-call targets, the operands and replica group size of each
+    all-reduce, and the parameters aliased to outputs (donation) of a compiled HLO module."""
     opcodes = Counter()
-    all_reduce_operands = []
+    all_reduce_operands, all_reduce_group_sizes = [], []
     for line in hlo.splitlines():
         line = re.sub(r"/\*.*?\*/", "", line)  # tuple shapes carry /*index=5*/ comments
         match = _HLO_OPCODE.match(line)
@@ -84,10 +107,12 @@ def hlo_facts(hlo: str) -> dict:
         if match.group(1) in ("all-reduce", "all-reduce-start"):
             inside = line[match.end():line.index(")", match.end())]
             all_reduce_operands.append(len([o for o in inside.split(",") if o.strip()]))
+            all_reduce_group_sizes.append(replica_group_size(line))
     header = next(line for line in hlo.splitlines() if line.startswith("HloModule"))
     aliased = sorted({int(p) for p in re.findall(r"\(\s*(\d+),\s*\{[^}]*\},\s*(?:may|must)-alias\)", header)})
     return dict(opcodes=dict(opcodes), custom_call_targets=sorted(set(_CUSTOM_CALL_TARGET.findall(hlo))),
-                all_reduce_operands=all_reduce_operands, aliased_parameters=aliased)
+                all_reduce_operands=all_reduce_operands, all_reduce_group_sizes=all_reduce_group_sizes,
+                aliased_parameters=aliased)
 
 
 def step_facts(config) -> dict:

@@ -1,5 +1,5 @@
-"""Optional test groups (torch, tfds, grain, real Fashion-MNIST, the native CPU kernels, a
-gs:// workdir on a local storage emulator) skip where their package, data or compiler is
+"""Optional test groups (torch, tfds, grain, DALI, real Fashion-MNIST, the native CPU kernels,
+a gs:// workdir on a local storage emulator) skip where their package, data or compiler is
 missing, so `make test` runs on a fresh machine: a test carrying a group's marker is
 skipped, with the remedy as the reason, when the group is not available. `--require=GROUP,...`
 (what CI passes) turns any skip inside those groups into a failure, so none can go missing
@@ -24,6 +24,11 @@ OPTIONAL_GROUPS = {
     "grain": (
         lambda: all(importlib.util.find_spec(m) is not None for m in ("grain", "PIL")),
         "make test REQUIRE=grain installs grain and pillow",
+    ),
+    "dali": (
+        # In order: finding nvidia.dali imports nvidia, which must be there.
+        lambda: all(importlib.util.find_spec(m) is not None for m in ("nvidia", "nvidia.dali", "PIL")),
+        "make test REQUIRE=dali installs NVIDIA DALI (pip install -e '.[dali]')",
     ),
     "fashion_mnist": (
         lambda: os.path.isdir(FASHION_MNIST_DIR), "apt-get install -y dataset-fashion-mnist"

@@ -55,3 +55,28 @@ def write_image_folder(root: Path, seed: int, classes: int = 3, train_per_class:
                 image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
                 image.save(folder / (f"{i:03d}.jpg" if i % 2 == 0 else f"{i:03d}.png"))
     return root
+
+
+# Coordinate images: each pixel holds its own position, x * COORDINATE_STEP in red and
+# y * COORDINATE_STEP in green, so a resampled crop says which box of the image it shows.
+COORDINATE_STEP = 4
+
+
+def write_coordinate_folder(root: Path, train: int = 12, val: int = 4,
+                            shape: tuple[int, int] = (48, 64)) -> Path:
+    """`root/{train,val}/class_<k>/*.png` (two classes, lossless PNG): coordinate images of
+    `shape`, alternately landscape and portrait, blue graded by class."""
+    from PIL import Image
+
+    for split, count in (("train", train), ("val", val)):
+        for i in range(count):
+            height, width = shape if i % 2 == 0 else shape[::-1]
+            assert max(height, width) * COORDINATE_STEP <= 256, "coordinates must fit in a byte"
+            y, x = np.mgrid[0:height, 0:width]
+            label = i % 2
+            blue = np.full_like(x, 60 + 120 * label)
+            pixels = np.stack([x * COORDINATE_STEP, y * COORDINATE_STEP, blue], -1)
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root

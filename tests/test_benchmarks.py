@@ -45,3 +45,12 @@ def test_torch_reference_times_the_same_network():
         assert line[key] > 0, key
     assert line["macs_per_image"] == rj.count_macs(rj.create_model("resnet8"), (1, 16, 16, 3))
     assert (line["depth"], line["threads"]) == (8, 2)
+
+
+@pytest.mark.dali
+def test_dali_pipeline_times_the_host_plan_and_the_whole_pipeline():
+    line = last_json_line("dali_pipeline.py", "--threads", "1", "2", "--batch=8", "--batches=1",
+                          "--images=16")
+    assert (line["platform"], line["augment"], line["batch"]) == ("cpu", "scale_crop_flip", 8)
+    assert line["plan_images_per_sec"] > 0 and set(line["images_per_sec"]) == {"1", "2"}
+    assert all(rate > 0 for rate in line["images_per_sec"].values())

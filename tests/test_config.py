@@ -117,6 +117,8 @@ def test_a_config_reading_local_files_needs_nothing_installed(tmp_path):
     config = load("imagenet.py:resnet50")
     config.dataset.name, config.dataset.data_dir = "image_folder", str(tmp_path)
     assert installs.needed(config, debian_dir_exists=False) == ["extra:stream"]
+    config.dataset.loader = "dali"
+    assert installs.needed(config, debian_dir_exists=False) == ["extra:dali"]
 
 
 @pytest.mark.parametrize("old, new, shortcut", [
@@ -205,6 +207,11 @@ def test_the_pod_recipe_scales_the_learning_rate_and_warms_up_for_five_epochs():
     assert (config.lr_schedule, config.label_smoothing, config.model.dtype) == ("cosine", 0.1, "bfloat16")
     assert config.model.zero_init_residual and config.dataset.augment == "random_resized_crop"
     assert config.weight_decay_on == "kernels"  # Goyal et al.: BN's scales and offsets undecayed
+    # BN statistics over groups of 32 examples (Goyal et al.'s per GPU), from 8 GPUs (512
+    # examples each: 16 groups per device) to 256 devices (16 examples each: a group spans 2).
+    assert config.bn_group_size == 32 and build_model(config).bn_group_size == 32
+    for devices in (1, 8, 128, 256):
+        validate(config, num_devices=devices)
 
 
 def test_overrides_take_the_type_of_the_key():
@@ -266,6 +273,9 @@ def test_an_unknown_key_is_refused_with_the_few_nearest_keys_not_all_of_them():
         ({"dataset.eval_split": "holdout_validation"}, ["train_split", "holdout_train"]),
         ({"steps_per_dispatch": 3}, ["multiple of steps_per_dispatch (3)"]),
         ({"bn_group_size": 48}, ["bn_group_size", "divisor of batch_size (128)"]),
+        ({"dataset.loader": "dali"}, ["dataset.loader", "'grain' for cifar10, which lives on the devices",
+                                      "image_folder, imagenet2012, imagenette"]),
+        ({"batch_size": 96, "bn_group_size": 8}, ["bn_group_size", "per-device batch (96 / 8 devices = 12"]),
     ],
 )
 def test_invalid_configs_are_refused_with_key_value_and_accepted(changes, words):
@@ -296,6 +306,8 @@ def test_invalid_configs_are_refused_with_key_value_and_accepted(changes, words)
         ({"dataset.read_buffer_size": 1}, ["dataset.read_buffer_size", ">= dataset.read_threads (2)"]),
         ({"dataset.worker_buffer_size": 0}, ["dataset.worker_buffer_size", "an integer >= 1"]),
         ({"dataset.prefetch_batches": 0}, ["dataset.prefetch_batches", ">= 1"]),
+        ({"dataset.loader": "tf.data"}, ["dataset.loader", "'tf.data'", "'grain' (the default",
+                                         "'dali' (decoding on NVIDIA GPUs, pip install -e '.[dali]')"]),
         ({"steps_per_dispatch": 2}, ["steps_per_dispatch", "1 for a streamed dataset"]),
         ({"dataset.name": "image_folder"}, ["dataset.data_dir", "train/<class>/*"]),
     ],
@@ -336,6 +348,7 @@ def test_the_fingerprint_and_the_resume_check_leave_out_exactly_the_keys_marked_
         "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints", "tensorboard",
         "eval_batch_size", "dataset.data_dir", "dataset.num_workers", "dataset.prefetch_batches",
         "dataset.read_threads", "dataset.read_buffer_size", "dataset.worker_buffer_size",
+        "dataset.loader",  # the same images and views through Grain or DALI, to the resampler's rounding
         "compilation_cache_dir",
         "model.conv",  # the CPU's convolution path: the same results to float rounding on each
     }

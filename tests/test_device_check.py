@@ -52,10 +52,17 @@ def test_smoke_run_reports_every_phase(smoke):
     for way in ("on_device", "from_host"):
         assert imagenet[way]["images_per_sec"] == pytest.approx(
             imagenet["batch_size"] / (imagenet[way]["step_ms"] / 1e3))
+    loaders = imagenet["loaders"]
+    assert list(loaders) == ["grain", "dali"]
     if importlib.util.find_spec("grain") and importlib.util.find_spec("PIL"):
-        assert imagenet["streamed"]["images_per_sec"] > 0 and imagenet["streamed"]["workers"] == 1
+        grain = loaders["grain"]
+        assert grain["images_per_sec"] == pytest.approx(imagenet["batch_size"] / (grain["step_ms"] / 1e3))
+        assert grain["workers"] == 1 and grain["images_in_folder"] == 8 and grain["open_s"] > 0
     else:
-        assert "grain" in imagenet["streamed"]["skipped"]
+        assert "grain" in loaders["grain"]["skipped"]
+    # Where DALI is installed, it runs (on the CPU here): test_smoke_run_times_dali.
+    if not importlib.util.find_spec("nvidia") or not importlib.util.find_spec("nvidia.dali"):
+        assert loaders["dali"]["skipped"].startswith("NVIDIA DALI is not installed (pip install -e '.[dali]'")
     macs = rj.count_macs(rj.create_model("resnet8", num_classes=1000), (1, 32, 32, 3))
     assert imagenet["macs_per_image"] == macs
     achieved = 6 * macs * imagenet["on_device"]["images_per_sec"]
@@ -74,12 +81,24 @@ def test_smoke_run_reports_every_phase(smoke):
     assert report["total_s"] >= report["imagenet"]["phase_s"] + report["cifar"]["phase_s"]
 
 
+@pytest.mark.dali
+def test_smoke_run_times_dali(smoke):
+    out, _ = smoke
+    report = json.loads((out / "device_check.json").read_text())
+    imagenet, dali = report["imagenet"], report["imagenet"]["loaders"]["dali"]
+    assert dali["images_per_sec"] == pytest.approx(imagenet["batch_size"] / (dali["step_ms"] / 1e3))
+    assert (dali["decoder"], dali["threads"], dali["images_in_folder"]) == ("cpu", 1, 8)
+    table = (out / "device_check.md").read_text()
+    assert "| resnet8 images/s, DALI loader | " in table and "(decoding cpu, 1 CPU threads) |" in table
+
+
 def test_smoke_run_writes_and_prints_the_table(smoke):
     out, stdout = smoke
     table = (out / "device_check.md").read_text()
     assert table in stdout
     assert table.splitlines()[:2] == ["| what | figure |", "|---|---|"]
     assert "| resnet8 images/s, batch on device |" in table
+    assert "| resnet8 images/s, Grain loader |" in table and "| resnet8 images/s, DALI loader |" in table
     assert "| resnet8 4-step schedule |" in table and "test error" in table
     assert "| resnet8 MFU (bf16, batch on device) | - (no published bf16 peak" in table
 
@@ -90,7 +109,17 @@ def test_table_names_a_skipped_schedule_and_the_peak_used(smoke):
     report = copy.deepcopy(report)
     report["cifar"]["schedule"] = {"skipped": "needs about 200 s, 150 s of --budget_s=420 left"}
     report["imagenet"].update(mfu=0.5, peak_flops_per_device=989e12)
+    report["imagenet"]["loaders"] = {
+        "grain": {"images_per_sec": 2345.6, "workers": 15},
+        "dali": {"failed": "DALI could not start its pipeline on cuda:0"},
+    }
     table = load_script().table(report)
+    assert "| resnet8 images/s, Grain loader | 2,346 (15 decoding processes) |" in table
+    assert "| resnet8 images/s, DALI loader | failed: DALI could not start its pipeline on cuda:0 |" in table
+    report["imagenet"]["loaders"] = {"dali": {"images_per_sec": 7000.4, "decoder": "mixed", "threads": 15}}
+    table = load_script().table(report)
+    assert "| resnet8 images/s, DALI loader | 7,000 (decoding mixed, 15 CPU threads) |" in table
+    assert "Grain loader" not in table
     assert "4-step schedule | skipped: needs about 200 s, 150 s of --budget_s=420 left |" in table
     assert "| resnet8 MFU (bf16, batch on device) | 50.0% of 989 TFLOP/s |" in table
 
@@ -116,3 +145,7 @@ def test_bad_input_is_refused_before_any_work(fashion_mnist, tmp_path, capsys):
         script.parse_args([f"--out={tmp_path / 'new'}", "--smoke", f"--fashion_mnist_dir={fashion_mnist}",
                            "--cifar_steps_per_dispatch=3"])
     assert "must divide --cifar_steps=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args([f"--out={tmp_path / 'new'}", "--smoke", f"--fashion_mnist_dir={fashion_mnist}",
+                           "--loaders=grain,nvjpeg"])
+    assert "--loaders=grain,nvjpeg: comma-separated names among grain, dali" in capsys.readouterr().err

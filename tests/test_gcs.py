@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, integrity
 from resnet_jax.plot import plot_curves, read_metrics
 from resnet_jax.workdir import workdir_path
 from tests.fake_data import write_graded_fashion_mnist
@@ -90,13 +90,17 @@ def reference(data_dir, tmp_path_factory):
 
 def test_a_killed_run_resumes_and_evaluates_from_a_gs_workdir(emulator, data_dir, reference):
     workdir = workdir_path(f"gs://{BUCKET}/run")
-    returncode, _, stderr, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, 0.3)
+    # At step 12's line the checkpoint of step 8 is complete on the bucket (the save of step 10
+    # waited for it) and the one of step 10 may be part-written: the kill comes after a checkpoint.
+    returncode, _, stderr, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, 12)
     assert returncode == -signal.SIGKILL, stderr[-3000:]
     with checkpoint.manager(workdir, read_only=True) as mngr:
         saved = mngr.all_steps()  # on GCS a step counts once its commit_success.txt is there
-    assert saved and max(saved) < 40  # killed part-way, after a checkpoint
+    # Intact: with its checksums recorded too (a step's record may come after its commit, or never).
+    intact = [step for step in saved if integrity.record_path(workdir, step).exists()]
+    assert intact and 8 <= max(intact) and max(saved) < 40  # killed part-way, after a checkpoint
     out = run_train(data_dir, workdir)
-    assert f"resuming at step {max(saved)}" in out.stdout
+    assert f"resuming at step {max(intact)}" in out.stdout
     assert_same_run(workdir, reference)  # metrics.jsonl too: the killed run's tail was dropped
 
     evaluated = subprocess.run(
@@ -149,3 +153,40 @@ def test_a_bucket_that_does_not_exist_is_named_before_anything_compiles(emulator
 
     with pytest.raises(WorkdirError, match=r"cannot write gs://no-such-bucket/run/config.json.*bucket exist"):
         train_and_evaluate(tiny_config(data_dir), "gs://no-such-bucket/run")
+
+
+@pytest.mark.grain
+def test_two_processes_on_a_streamed_folder_with_a_gs_workdir_resume_bit_identically_after_a_kill(
+        emulator, tmp_path):
+    from tests.fake_data import write_image_folder
+    from tests.test_multihost import (
+        HEARTBEAT,
+        finish,
+        kill_after_first_checkpoint,
+        launch_two,
+        saved_steps,
+        streamed_folder_command,
+    )
+
+    folder = write_image_folder(tmp_path / "images", seed=0)  # 3 classes x (6 train, 3 val)
+    common = [
+        *streamed_folder_command(folder), "--config.num_train_steps=8", "--config.log_every_steps=2",
+        "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2", "--config.tensorboard=false",
+        HEARTBEAT,
+    ]
+    uninterrupted = tmp_path / "uninterrupted"  # the same 2 x 2 layout, on a local workdir
+    for p in launch_two(common, uninterrupted):
+        finish(p)
+
+    workdir = workdir_path(f"gs://{BUCKET}/two_processes")
+    processes = launch_two(common, workdir)
+    kill_after_first_checkpoint(processes, workdir, victim=0)  # process 0: the run's coordinator
+    assert processes[0].returncode == -signal.SIGKILL
+    # Without its coordinator the runtime aborts process 1 at once (docs/pods.md).
+    assert processes[1].returncode == -signal.SIGABRT
+    last = max(saved_steps(workdir))
+    assert last < 8
+    resumed = [finish(p) for p in launch_two(common, workdir)]
+    assert f"resuming at step {last}" in resumed[0] and "step 8/8" in resumed[0]
+
+    assert_same_run(workdir, (uninterrupted, final_state(uninterrupted)), steps=8)  # bit for bit

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax.models import RESPONSES, shortcut_a
+from resnet_jax.models import RESPONSES, BatchNorm, shortcut_a
 
 
 def param_shapes(model, size, channels=3):
@@ -225,6 +225,97 @@ def test_batch_norm_normalises_channels_whose_mean_dwarfs_their_spread():
     np.testing.assert_allclose(jnp.std(normalised, axis=(0, 1, 2)), 1.0, atol=2e-2)
 
 
+def bn_variables(channels, key=0):
+    """BN variables away from their initial values, so that each of them shows in the output."""
+    keys = jax.random.split(jax.random.key(key), 4)
+    return {
+        "params": {"scale": 1 + 0.2 * jax.random.normal(keys[0], (channels,)),
+                   "bias": 0.3 * jax.random.normal(keys[1], (channels,))},
+        "batch_stats": {"mean": jax.random.normal(keys[2], (channels,)),
+                        "var": 1 + jax.random.uniform(keys[3], (channels,))},
+    }
+
+
+def assert_trees_close(a, b, **tolerance):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_batch_norm_over_one_group_computes_as_flax_batch_norm(dtype, tolerance):
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.key(1), (8, 4, 4, 5))).astype(dtype)
+    variables = bn_variables(5)
+    flax_bn = nn.BatchNorm(use_running_average=False, use_fast_variance=False, momentum=0.9, epsilon=1e-5,
+                           dtype=dtype)
+    expected, expected_stats = flax_bn.apply(variables, x, mutable=["batch_stats"])
+    # The same variables, and the same outputs and running statistics, whether the one
+    # group is the whole batch by default (0) or by its size (8).
+    for group_size in (0, 8):
+        bn = BatchNorm(group_size=group_size, dtype=dtype)
+        key = jax.random.key(0)
+        assert jax.eval_shape(bn.init, key, x) == jax.eval_shape(flax_bn.init, key, x)
+        y, stats = bn.apply(variables, x, mutable=["batch_stats"])
+        assert y.dtype == expected.dtype == dtype
+        assert_trees_close(y.astype(jnp.float32), expected.astype(jnp.float32),
+                           rtol=tolerance, atol=tolerance)
+        assert_trees_close(stats, expected_stats, rtol=1e-5, atol=1e-6)
+    # Evaluation normalises with the running statistics, whatever the groups.
+    evaluated = BatchNorm(use_running_average=True, group_size=4, dtype=dtype).apply(variables, x)
+    flax_evaluated = nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype).apply(variables, x)
+    assert_trees_close(evaluated.astype(jnp.float32), flax_evaluated.astype(jnp.float32), rtol=tolerance,
+                       atol=tolerance)
+
+
+def test_batch_norm_groups_normalise_on_their_own_statistics():
+    # Two groups of 4 consecutive examples, with means and spreads far apart.
+    spread, mean = (jnp.array(values).repeat(4)[:, None, None, None] for values in ([1.0, 5.0], [0.0, 10.0]))
+    x = mean + spread * jax.random.normal(jax.random.key(2), (8, 4, 4, 5))
+    variables = bn_variables(5)
+    y, stats = BatchNorm(group_size=4).apply(variables, x, mutable=["batch_stats"])
+    halves = [BatchNorm().apply(variables, x[i:i + 4], mutable=["batch_stats"]) for i in (0, 4)]
+    assert_trees_close(y, jnp.concatenate([half[0] for half in halves]), rtol=1e-5, atol=1e-5)
+    # The running statistics move toward the groups' statistics averaged over the groups.
+    averaged = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, halves[0][1], halves[1][1])
+    assert_trees_close(stats, averaged, rtol=1e-5, atol=1e-6)
+    # Each group is normalised: per channel, zero mean and unit spread before scale and bias.
+    scale, bias = variables["params"]["scale"], variables["params"]["bias"]
+    for group in (y[:4], y[4:]):
+        standardised = (group - bias) / scale
+        np.testing.assert_allclose(standardised.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+        np.testing.assert_allclose(standardised.std(axis=(0, 1, 2)), 1.0, atol=1e-3)
+    # Over the whole batch the same examples come out otherwise.
+    assert not np.allclose(BatchNorm().apply(variables, x, mutable=["batch_stats"])[0], y, atol=0.1)
+
+
+def test_bn_groups_normalise_each_group_of_a_net_on_its_own():
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3)) + jnp.arange(8.0)[:, None, None, None]
+    variables = rj.create_model("resnet8").init(jax.random.key(1), x)
+    logits, stats = rj.create_model("resnet8", bn_group_size=4).apply(variables, x, train=True,
+                                                                      mutable=["batch_stats"])
+    whole_net = rj.create_model("resnet8")
+    halves = [whole_net.apply(variables, x[i:i + 4], train=True, mutable=["batch_stats"]) for i in (0, 4)]
+    np.testing.assert_allclose(logits, jnp.concatenate([half[0] for half in halves]), rtol=1e-5, atol=1e-5)
+    averaged = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, halves[0][1], halves[1][1])
+    assert_trees_close(stats, averaged, rtol=1e-5, atol=1e-6)
+    whole_batch, _ = whole_net.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(whole_batch, logits, atol=1e-3)
+    # Evaluation uses the running statistics: groups change nothing there.
+    np.testing.assert_array_equal(rj.create_model("resnet8", bn_group_size=4).apply(variables, x),
+                                  whole_net.apply(variables, x))
+
+
+def test_bn_groups_change_no_parameter_or_statistic():
+    grouped = param_shapes(rj.create_model("resnet50", bn_group_size=32), 224)
+    assert grouped == param_shapes(rj.create_model("resnet50"), 224)
+    assert rj.count_params(grouped["params"]) == PAPER_PARAMS["resnet50"]
+
+
+def test_a_bn_group_size_that_does_not_divide_the_batch_is_refused():
+    x = jnp.zeros((8, 4, 4, 5))
+    with pytest.raises(ValueError, match=r"group_size=3 does not divide the batch of 8 .*divisor of 8"):
+        BatchNorm(group_size=3).init_with_output(jax.random.key(0), x)
+
+
 def test_zero_init_residual_zeroes_the_last_bn_of_each_branch():
     for name, last_bn in (("resnet8", "bn2"), ("resnet50", "bn3")):
         model = rj.create_model(name, zero_init_residual=True)
@@ -271,6 +362,7 @@ def test_named_models_and_defaults():
         (lambda: rj.create_model("resnet20", conv="xla"), ["conv='xla'", "nn.Conv", "model.conv"]),
         (lambda: rj.ResNet((1, 1), conv="auto"), ["conv='auto'", "nn.Conv", "--config.model.conv=auto"]),
         (lambda: rj.create_model("resnet20", conv=3), ["conv=3", "nn.Conv"]),
+        (lambda: rj.create_model("resnet20", bn_group_size=-1), ["bn_group_size=-1", "0 (BN statistics"]),
     ],
 )
 def test_bad_arguments_name_the_value_and_the_choices(call, words):

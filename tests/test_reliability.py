@@ -3,7 +3,9 @@
 The kill and SIGTERM trials run train.py as a user would, in a subprocess, on a tiny
 net and tiny data in the real Fashion-MNIST format (or a tiny streamed image folder, read
 by input worker processes), and compare the interrupted-and-resumed run with an
-uninterrupted one bit for bit.
+uninterrupted one bit for bit. Each signal goes to the run's whole process group, as a
+terminal's Ctrl-C and a scheduler do, at a moment the run shows (a line it prints), never
+after a delay, which a faster machine would outrun.
 """
 
 import contextlib
@@ -14,15 +16,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, integrity
+from resnet_jax import checkpoint, integrity, preemption
 from resnet_jax.state import abstract_train_state, build_model
 from resnet_jax.train import TrainingDiverged, train_and_evaluate
 from tests.fake_data import write_graded_fashion_mnist, write_image_folder
@@ -66,25 +70,46 @@ def run_train(data_dir, workdir):
     return out
 
 
-def start_and_signal(data_dir, workdir, sig, delay):
-    """Start train.py, wait until it has trained a little, wait `delay` more, signal it."""
-    process = subprocess.Popen(
-        train_command(data_dir, workdir),
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text()) and process.poll() is None:
-        assert time.time() < deadline, "train.py made no progress"
-        time.sleep(0.05)
-    time.sleep(delay)
-    sent_at = time.time()
-    process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=120)
-    return process.returncode, stdout, stderr, time.time() - sent_at
+def progress_line(step):
+    """The start of the progress line train.py prints for `step`'s training interval."""
+    return f"step {step}/40  train_loss"
+
+
+def start_in_own_group(command, stderr=subprocess.PIPE):
+    """`command` started as a terminal or a scheduler starts a job: in a process group of its
+    own, which `os.killpg(process.pid, sig)` signals whole."""
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            start_new_session=True)
+
+
+def read_until(process, start: str) -> list[str]:
+    """The lines `process` prints up to the first that begins with `start`, which it must print."""
+    lines = []
+    for line in process.stdout:  # ends when the process does, so cannot wait forever
+        lines.append(line)
+        if line.startswith(start):
+            return lines
+    raise AssertionError(f"train.py ended without printing {start!r}: {''.join(lines)[-3000:]}")
+
+
+def start_and_signal(data_dir, workdir, sig, after_step):
+    """Start train.py and signal its process group as soon as it prints the progress line of
+    `after_step`: with FLAGS, that step's metrics are written and its checkpoint (every 2
+    steps) is about to be saved; Orbax finished the save of `after_step - 2` before it began
+    the one before."""
+    with tempfile.TemporaryFile("w+") as stderr_file:  # not a pipe: nobody reads it until the end
+        process = start_in_own_group(train_command(data_dir, workdir), stderr=stderr_file)
+        stdout = read_until(process, progress_line(after_step))
+        sent_at = time.time()
+        os.killpg(process.pid, sig)
+        rest, _ = process.communicate(timeout=120)
+        stderr_file.seek(0)
+        return process.returncode, "".join(stdout) + rest, stderr_file.read(), time.time() - sent_at
+
+
+def seeded_step(seed):
+    """A logged step of the 40 (every 2) before the last, chosen by `seed`."""
+    return 2 * random.Random(seed).randint(1, 19)
 
 
 def final_state(workdir):
@@ -106,10 +131,10 @@ def reference(data_dir, tmp_path_factory):
     return workdir, final_state(workdir)
 
 
-def assert_same_run(workdir, reference, same_log_intervals=True):
+def assert_same_run(workdir, reference, same_log_intervals=True, steps=40):
     reference_dir, (reference_step, reference_state) = reference
     step, state = final_state(workdir)
-    assert step == reference_step == 40
+    assert step == reference_step == steps
     # Bit-identical: params, BN statistics, optimizer state and step.
     jax.tree_util.tree_map(np.testing.assert_array_equal, state, reference_state)
     lines, reference_lines = without_timing(workdir), without_timing(reference_dir)
@@ -122,7 +147,8 @@ def assert_same_run(workdir, reference, same_log_intervals=True):
 
 def preempted_step(stdout: str, workdir) -> int:
     """The step a preempted run says it saved, checked to be its newest checkpoint."""
-    line = next(line for line in stdout.splitlines() if line.startswith("preempted"))
+    stops = ("preempted: saved", "interrupted: saved")  # not "interrupted: saving", on stderr
+    line = next(line for line in stdout.splitlines() if line.startswith(stops))
     step = int(line.split("checkpoint of step ")[1].split(";")[0])
     with checkpoint.manager(workdir, read_only=True) as mngr:
         assert max(mngr.all_steps()) == step
@@ -132,8 +158,7 @@ def preempted_step(stdout: str, workdir) -> int:
 @pytest.mark.parametrize("trial", range(KILL_TRIALS))
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(trial, data_dir, reference, tmp_path):
     workdir = tmp_path / "run"
-    delay = random.Random(trial).uniform(0.0, 1.5)
-    returncode, _, _, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, delay)
+    returncode, _, _, _ = start_and_signal(data_dir, workdir, signal.SIGKILL, seeded_step(trial))
     assert returncode == -signal.SIGKILL
     out = run_train(data_dir, workdir)
     assert "resuming at step" in out.stdout or "from scratch" in out.stdout
@@ -147,11 +172,13 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(trial, data_dir
 def test_sigterm_or_ctrl_c_saves_the_current_step_and_exits_cleanly(sig, trial, data_dir, reference,
                                                                      tmp_path):
     workdir = tmp_path / "run"
-    delay = random.Random(100 + trial).uniform(0.0, 1.0)
-    returncode, stdout, stderr, seconds = start_and_signal(data_dir, workdir, sig, delay)
+    returncode, stdout, stderr, seconds = start_and_signal(data_dir, workdir, sig, seeded_step(100 + trial))
     assert returncode == 0 and seconds < 60, stderr
     assert "Traceback" not in stderr
     step = preempted_step(stdout, workdir)
+    # A scheduler's SIGTERM is a preemption; a user's Ctrl-C is named as what it is.
+    stop = "interrupted" if sig == signal.SIGINT else "preempted"
+    assert f"{stop}: saved the checkpoint of step {step}" in stdout
     out = run_train(data_dir, workdir)
     assert f"resuming at step {step}" in out.stdout
     assert_same_run(workdir, reference, same_log_intervals=step % 2 == 0)
@@ -213,18 +240,10 @@ def test_a_signal_to_the_whole_process_group_with_input_workers_saves_the_step_a
     evaluation, so that it reaches that evaluation's workers as they start and as they work;
     Ctrl-C once, a while into training."""
     workdir = tmp_path / "run"
-    process = subprocess.Popen(streamed_command(image_folder, workdir), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = start_in_own_group(streamed_command(image_folder, workdir))
     stdout = []
-
-    def read_until(start: str) -> None:
-        for line in process.stdout:  # ends when train.py does, so cannot wait forever
-            stdout.append(line)
-            if line.startswith(start):
-                return
-
     if sig == signal.SIGTERM:
-        read_until("step 10/40  train_loss")  # the evaluation and its workers start
+        stdout += read_until(process, "step 10/40  train_loss")  # the evaluation and its workers start
         evaluated = threading.Event()
 
         def keep_signalling():
@@ -234,12 +253,12 @@ def test_a_signal_to_the_whole_process_group_with_input_workers_saves_the_step_a
 
         signaller = threading.Thread(target=keep_signalling)
         signaller.start()
-        read_until("step 10/40  eval_loss")  # not later: the trainer restores SIGTERM's default as it ends
+        # Not later: the trainer restores SIGTERM's default as it ends.
+        stdout += read_until(process, "step 10/40  eval_loss")
         evaluated.set()
         signaller.join()
     else:
-        read_until("step 2/40  train_loss")
-        time.sleep(random.Random(7).uniform(0.0, 1.0))
+        stdout += read_until(process, progress_line(seeded_step(7)))
         os.killpg(process.pid, sig)
     rest, stderr = process.communicate(timeout=120)
     stdout = "".join(stdout) + rest
@@ -251,26 +270,43 @@ def test_a_signal_to_the_whole_process_group_with_input_workers_saves_the_step_a
     assert_same_run(workdir, streamed_reference, same_log_intervals=step % 2 == 0)
 
 
+def test_ctrl_c_while_train_py_imports_its_libraries_stops_in_one_line(data_dir, tmp_path):
+    """Python's -X importtime prints a line as each module is imported: Ctrl-C comes as JAX's
+    are, a second or so before train.py has imported everything it needs."""
+    workdir = tmp_path / "run"
+    command = train_command(data_dir, workdir)
+    process = start_in_own_group([command[0], "-X", "importtime", *command[1:]])
+    imported = []
+    for line in process.stderr:  # ends when train.py does, so cannot wait forever
+        imported.append(line)
+        module = line.rsplit("|", 1)[-1].strip()
+        if line.startswith("import time:") and module.split(".")[0] in ("jax", "jaxlib"):
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    stderr = "".join(imported) + stderr
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    messages = [line for line in stderr.splitlines() if line and not line.startswith("import time:")]
+    assert messages == ["interrupted while starting: nothing was run or written"], messages
+    assert "Traceback" not in stderr and not stdout and not workdir.exists()
+
+
 def start_and_await_compilation(data_dir, workdir):
-    """Start train.py and return it once it says it is compiling the training step."""
-    process = subprocess.Popen(
-        train_command(data_dir, workdir), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in process.stdout:  # ends when train.py does, so cannot wait forever
-        if line.startswith("compiling the training step"):
-            return process
-    raise AssertionError(f"train.py never said it was compiling: {process.communicate()[1][-3000:]}")
+    """Start train.py in a process group of its own and return it once it says it is compiling
+    the training step, which it compiles afresh (not loaded from the compilation cache)."""
+    process = start_in_own_group([*train_command(data_dir, workdir), "--config.compilation_cache_dir="])
+    read_until(process, "compiling the training step")
+    return process
 
 
 def test_ctrl_c_during_compilation_saves_the_first_step_and_the_run_resumes(data_dir, reference, tmp_path):
     workdir = tmp_path / "run"
     process = start_and_await_compilation(data_dir, workdir)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "interrupted: saving a checkpoint" in stderr
-    assert "preempted: saved the checkpoint of step 1; rerun the same command to resume" in stdout
+    assert "interrupted: saved the checkpoint of step 1; rerun the same command to resume" in stdout
     with checkpoint.manager(workdir, read_only=True) as mngr:
         assert mngr.all_steps() == [1]
     out = run_train(data_dir, workdir)
@@ -278,20 +314,106 @@ def test_ctrl_c_during_compilation_saves_the_first_step_and_the_run_resumes(data
     assert_same_run(workdir, reference, same_log_intervals=False)
 
 
-def test_a_second_ctrl_c_stops_at_once_even_during_compilation(data_dir, reference, tmp_path):
-    workdir = tmp_path / "run"
+def interrupt_twice_during_compilation(data_dir, workdir):
+    """Ctrl-C twice to train.py's process group while it compiles; its stdout and stderr."""
     process = start_and_await_compilation(data_dir, workdir)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     # Sent before the first was delivered, a second signal would merge with it.
     assert any(line.startswith("interrupted: saving") for line in process.stderr)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    return stdout, stderr
+
+
+def test_a_second_ctrl_c_stops_at_once_even_during_compilation(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    stdout, stderr = interrupt_twice_during_compilation(data_dir, workdir)
     assert "Traceback" not in stderr and "interrupted again: stopped at once" in stderr
     assert "compiled the training step" not in stdout  # it did not wait for compilation to end
+    assert "no checkpoint was saved yet, so rerunning the same command starts from scratch" in stderr
     assert not (workdir / "checkpoints").exists() or not list((workdir / "checkpoints").iterdir())
     run_train(data_dir, workdir)
     assert_same_run(workdir, reference)
+
+
+def test_a_second_ctrl_c_names_the_checkpoint_a_rerun_resumes_from(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    process = start_and_await_compilation(data_dir, workdir)
+    os.killpg(process.pid, signal.SIGINT)  # once: the first step is saved
+    assert process.wait(timeout=120) == 0
+    _, stderr = interrupt_twice_during_compilation(data_dir, workdir)
+    assert "rerun the same command to resume from the checkpoint of step 1" in stderr
+    out = run_train(data_dir, workdir)
+    assert "resuming at step 1" in out.stdout
+
+
+def test_a_second_ctrl_c_after_a_damaged_checkpoint_names_the_one_the_run_fell_back_to(data_dir, reference,
+                                                                                      tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    flip_a_byte(workdir / "checkpoints" / "40")  # set aside as the run starts: it resumes at 38
+    _, stderr = interrupt_twice_during_compilation(data_dir, workdir)
+    assert "rerun the same command to resume from the checkpoint of step 38" in stderr
+    out = run_train(data_dir, workdir)
+    assert "resuming at step 38" in out.stdout
+    assert_same_run(workdir, reference)
+
+
+@pytest.mark.parametrize(("finished", "unfinished", "hint"), [
+    (None, None, "no checkpoint was saved yet, so rerunning the same command starts from scratch"),
+    (8, None, "rerun the same command to resume from the checkpoint of step 8"),
+    (None, 2, "rerunning the same command resumes from the checkpoint of step 2 if its save had finished, "
+              "else from scratch"),
+    (8, 10, "rerunning the same command resumes from the checkpoint of step 10 if its save had finished, "
+            "else from that of step 8"),
+])
+def test_a_second_ctrl_c_says_where_a_rerun_resumes_with_a_save_under_way_or_not(finished, unfinished, hint):
+    """A save under way may have finished by the time of the second Ctrl-C; nothing tells
+    until the next save or a wait."""
+    mngr = types.SimpleNamespace(finished_step=finished, unfinished_step=unfinished)
+    assert preemption.rerun_hint(mngr) == hint
+
+
+@pytest.fixture(scope="module")
+def large_eval_data_dir(tmp_path_factory):
+    """The training split of `data_dir` with a test split large enough that evaluating it
+    takes a while (about a second on a 2-core CPU), where the 70 examples take milliseconds."""
+    return write_graded_fashion_mnist(tmp_path_factory.mktemp("large_eval"), 1, 256, 20_000, gz=False)
+
+
+def test_ctrl_c_during_an_evaluation_stops_after_it_at_the_next_step(large_eval_data_dir, tmp_path):
+    """The step-10 evaluation follows the step's training line. The stop comes at the step
+    after it (step 11): step 10's check for a stop came before the evaluation. stderr is
+    read with stdout, in the order written, to see the signal taken during the evaluation."""
+    workdir = tmp_path / "run"
+    process = start_in_own_group(train_command(large_eval_data_dir, workdir), stderr=subprocess.STDOUT)
+    before = read_until(process, progress_line(10))
+    os.killpg(process.pid, signal.SIGINT)
+    output = "".join(before) + process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "Traceback" not in output, output[-3000:]
+    taken, evaluated = output.index("interrupted: saving"), output.index("step 10/40  eval_loss")
+    assert taken < evaluated, output[-3000:]
+    assert "interrupted: saved the checkpoint of step 11" in output and preempted_step(output, workdir) == 11
+    out = run_train(large_eval_data_dir, workdir)
+    assert "resuming at step 11" in out.stdout
+
+
+def test_ctrl_c_during_the_final_save_ends_the_run_as_finished(data_dir, reference, tmp_path):
+    """The last step's checkpoint is saved as its evaluation's line is printed; Ctrl-C then
+    leaves the run to end as it would have, with its closing lines."""
+    workdir = tmp_path / "run"
+    process = start_in_own_group(train_command(data_dir, workdir))
+    before = read_until(process, "step 40/40  eval_loss")
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    stdout = "".join(before) + stdout
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted: saving" in stderr  # taken by the run, not after it
+    assert "test error" in stdout and "evaluate:" in stdout
+    assert_same_run(workdir, reference)
+    out = run_train(data_dir, workdir)
+    assert "step 40/40 was trained before" in out.stdout
 
 
 def group_size(group: int) -> int:
@@ -308,11 +430,8 @@ def group_size(group: int) -> int:
 def test_a_second_ctrl_c_to_the_group_stops_the_trainer_and_its_input_workers_at_once(image_folder, tmp_path):
     # Compiled afresh (not loaded from the compilation cache): the signals come meanwhile.
     command = [*streamed_command(image_folder, tmp_path / "run"), "--config.compilation_cache_dir="]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    for line in process.stdout:  # ends when train.py does, so cannot wait forever
-        if line.startswith("compiling the training step"):
-            break
+    process = start_in_own_group(command)
+    read_until(process, "compiling the training step")
     # The training pipeline's 2 workers start before the step compiles (seconds, here).
     deadline = time.time() + 60
     while group_size(process.pid) < 3:
@@ -324,6 +443,8 @@ def test_a_second_ctrl_c_to_the_group_stops_the_trainer_and_its_input_workers_at
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
     assert "interrupted again: stopped at once" in stderr and "compiled the training step" not in stdout
+    # Stopped before its first checkpoint: the hint says a rerun starts afresh, not that it resumes.
+    assert "no checkpoint was saved yet, so rerunning the same command starts from scratch" in stderr
     await_group_exit(process.pid)
 
 

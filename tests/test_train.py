@@ -100,9 +100,11 @@ def test_evaluate_with_a_smaller_eval_batch_scores_as_the_trained_one(trained):
 @pytest.mark.parametrize("flags, named", [
     ({"eval_batch_size": 0}, "config.eval_batch_size = 0 is not accepted; expected a positive multiple"),
     ({"num_workers": -2}, "config.dataset.num_workers = -2 is not accepted"),
+    ({"loader": "dali"}, "config.dataset.loader = 'dali' is not accepted; expected 'grain' for fashion"),
 ])
-def test_evaluate_refuses_an_eval_batch_or_worker_count_it_cannot_use(trained, flags, named):
-    with pytest.raises(ConfigError, match=re.escape(named) + ".*--eval_batch_size and --num_workers"):
+def test_evaluate_refuses_an_eval_batch_worker_count_or_loader_it_cannot_use(trained, flags, named):
+    flags_named = "--eval_batch_size, --num_workers and --loader replace"
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*" + flags_named):
         evaluate_workdir(trained[0], **flags)
 
 
@@ -298,26 +300,6 @@ def test_one_and_eight_devices_train_alike(data_dir, tmp_path):
     np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-5)
     np.testing.assert_allclose(losses[0], losses[1], rtol=5e-3)
     assert eight["eval_loss"] == pytest.approx(one["eval_loss"], rel=5e-3)
-
-
-def test_bn_groups_normalise_each_group_on_its_own():
-    from resnet_jax.models import create_model
-    from resnet_jax.train import _apply_train
-
-    model = create_model("resnet8")
-    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
-    variables = model.init(jax.random.key(1), x)
-    logits, stats = _apply_train(model, variables, x, bn_group_size=4)
-    halves = [model.apply(variables, x[i : i + 4], train=True, mutable=["batch_stats"]) for i in (0, 4)]
-    np.testing.assert_allclose(logits, jnp.concatenate([h[0] for h in halves]), rtol=1e-5, atol=1e-6)
-    expected_stats = jax.tree_util.tree_map(
-        lambda a, b: (a + b) / 2, halves[0][1]["batch_stats"], halves[1][1]["batch_stats"]
-    )
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, expected_stats
-    )
-    whole_batch, _ = _apply_train(model, variables, x, bn_group_size=0)
-    assert not np.allclose(whole_batch, logits, atol=1e-3)
 
 
 def test_a_workdir_saved_before_the_imagenet_keys_still_resumes_and_evaluates(trained, data_dir, tmp_path):

@@ -105,7 +105,12 @@ def scale_crop_params(rng: np.random.Generator, height: int, width: int, scale_r
     new_height, new_width = shorter_side_shape(height, width, side)
     top = int(rng.integers(0, new_height - size + 1))
     left = int(rng.integers(0, new_width - size + 1))
-    return side, top, left, bool(rng.random() < 0.5)
+    return side, top, left, flip_draw(rng)
+
+
+def flip_draw(rng: np.random.Generator) -> bool:
+    """Whether a training view is flipped horizontally: p = 1/2."""
+    return bool(rng.random() < 0.5)
 
 
 def scale_crop_flip(rng: np.random.Generator, image: np.ndarray, scale_range: tuple[int, int],
@@ -145,17 +150,22 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
     return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
 
 
+def random_resized_crop_params(rng: np.random.Generator, height: int, width: int,
+                               area_range: tuple[float, float],
+                               ratio_range: tuple[float, float]) -> tuple[int, int, int, int, bool]:
+    """(top, left, box height, box width, flip) of one random-resized-crop: the box
+    (`random_resized_crop_box`), then the flip, drawn in that order."""
+    return (*random_resized_crop_box(rng, height, width, area_range, ratio_range), flip_draw(rng))
+
+
 def random_resized_crop(rng: np.random.Generator, image: np.ndarray, area_range: tuple[float, float],
                         ratio_range: tuple[float, float], size: int) -> np.ndarray:
     """The modern ImageNet augmentation: a random box (`random_resized_crop_box`) resized
     to `size` x `size`, flipped with p = 1/2."""
-    top, left, box_height, box_width = random_resized_crop_box(rng, *image.shape[:2], area_range, ratio_range)
+    top, left, box_height, box_width, flip = random_resized_crop_params(
+        rng, *image.shape[:2], area_range, ratio_range)
     view = _pillow_resize(image, (size, size), box=(left, top, left + box_width, top + box_height))
-    return random_flip(rng, view)
-
-
-def random_flip(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    return image[:, ::-1] if rng.random() < 0.5 else image
+    return view[:, ::-1] if flip else view
 
 
 def lighting_offset(rng: np.random.Generator, std: float) -> np.ndarray:
@@ -168,17 +178,21 @@ def lighting_offset(rng: np.random.Generator, std: float) -> np.ndarray:
 def center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
     """Shorter side resized to `resize`, then the center `size` x `size` crop."""
     resized = resize_shorter(image, resize)
-    height, width = resized.shape[:2]
-    return crop(resized, (height - size) // 2, (width - size) // 2, size)
+    return crop(resized, *five_crop_corners(*resized.shape[:2], size)[-1], size)
+
+
+def five_crop_corners(height: int, width: int, size: int) -> list[tuple[int, int]]:
+    """(top, left) of the top-left, top-right, bottom-left, bottom-right and center `size`
+    crops of a height x width image."""
+    return [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
+            ((height - size) // 2, (width - size) // 2)]
 
 
 def ten_crops(image: np.ndarray, resize: int, size: int) -> np.ndarray:
     """(10, size, size, C): of the image resized to shorter side `resize`, the top-left,
     top-right, bottom-left, bottom-right and center crops, then the same five flipped."""
     resized = resize_shorter(image, resize)
-    height, width = resized.shape[:2]
-    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
-               ((height - size) // 2, (width - size) // 2)]
+    corners = five_crop_corners(*resized.shape[:2], size)
     crops = np.stack([crop(resized, top, left, size) for top, left in corners])
     return np.concatenate([crops, crops[:, :, ::-1]])
 
@@ -209,14 +223,15 @@ def multi_scale_canvas(bucket: int, side: int) -> tuple[int, int]:
     return (longer, side) if portrait else (side, longer)
 
 
-def _within_widest_bucket(image: np.ndarray) -> np.ndarray:
-    height, width = image.shape[:2]
+def widest_bucket_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the part of an image that multi-scale testing scores:
+    all of it, or its center cut to 2:1 where it is longer."""
     limit = math.floor(min(height, width) * MULTI_SCALE_RATIOS[-1])
     if height > limit:
-        return image[(height - limit) // 2 : (height - limit) // 2 + limit]
+        return (height - limit) // 2, 0, limit, width
     if width > limit:
-        return image[:, (width - limit) // 2 : (width - limit) // 2 + limit]
-    return image
+        return 0, (width - limit) // 2, height, limit
+    return 0, 0, height, width
 
 
 def multi_scale_views(image: np.ndarray, sizes: tuple[int, ...]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -224,7 +239,8 @@ def multi_scale_views(image: np.ndarray, sizes: tuple[int, ...]) -> tuple[tuple[
     in `sizes`, (2, H, W, C) holding the whole image resized to it and its flip, each in
     the top-left corner of its bucket's zero canvas (`multi_scale_canvas`); and the resized
     images' (height, width) per scale, (len(sizes), 2) int32, which say what is image."""
-    image = _within_widest_bucket(image)
+    top, left, height, width = widest_bucket_box(*image.shape[:2])
+    image = image[top : top + height, left : left + width]
     bucket = multi_scale_bucket(*image.shape[:2])
     views, valid = [], []
     for side in sizes:

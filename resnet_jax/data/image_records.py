@@ -1,6 +1,7 @@
 """Large image datasets (ImageNet) as random-access records, read one image at a time.
 
 A record source has `len()`, `source[i] -> (uint8 RGB image (H, W, 3), label)`,
+`encoded(i) -> (the image's file bytes, label)` (what the DALI loader decodes itself),
 `image_shape(i) -> (H, W)` (multi-scale testing groups images by shape before reading
 them), `num_classes` and `describe(i)` (what to name in an error). Sources are picklable, so
 the input pipeline's worker processes each get a copy. Two kinds:
@@ -15,8 +16,10 @@ Pillow and tensorflow-datasets are imported only by the sources that need them.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -40,8 +43,6 @@ IMAGENET_PREPARATION = (
 
 def decode_image(data: bytes, what: str) -> np.ndarray:
     """uint8 RGB (H, W, 3) from JPEG or PNG bytes; grayscale and CMYK become RGB."""
-    import io
-
     from PIL import Image, UnidentifiedImageError  # the image sources need pillow, not the rest
 
     try:
@@ -49,6 +50,19 @@ def decode_image(data: bytes, what: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{what}: unreadable image ({type(error).__name__}: {error})") from None
+
+
+def header_image_shape(file: str | os.PathLike[str] | BinaryIO, what: str) -> tuple[int, int]:
+    """(height, width) of a JPEG or PNG (a path or an open file) from its header, without
+    reading or decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{what}: unreadable image ({type(error).__name__}: {error})") from None
+    return height, width
 
 
 class ImageFolder:
@@ -95,24 +109,21 @@ class ImageFolder:
         return self.files[index]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        data, label = self.encoded(index)
+        return decode_image(data, self.files[index]), label
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        """The file's bytes, undecoded, and its label."""
         path = self.files[index]
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as file:
+                return file.read(), int(self.labels[index])
         except OSError as error:
             raise DataError(f"{path}: cannot be read ({error})") from None
-        return decode_image(data, path), int(self.labels[index])
 
     def image_shape(self, index: int) -> tuple[int, int]:
         """(height, width) from the file's header, without decoding the pixels."""
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-            raise DataError(f"{path}: unreadable image ({type(error).__name__}: {error})") from None
-        return height, width
+        return header_image_shape(self.files[index], self.files[index])
 
 
 class TfdsRecords:
@@ -125,8 +136,9 @@ class TfdsRecords:
             raise DataError(
                 f"{name} is read through tensorflow-datasets ({error}): pip install -e '.[tfds,stream]'"
             ) from None
-        self.name, self.split = name, split
+        self.name, self.split, self.data_dir = name, split, data_dir
         self.num_classes = STREAMED_NUM_CLASSES[name]
+        self._encoded_records = None
         try:
             self.records = tfds.data_source(name, split=split, data_dir=data_dir)
         except Exception as error:  # noqa: BLE001 - TFDS raises many kinds; all mean "not prepared"
@@ -157,6 +169,19 @@ class TfdsRecords:
     def image_shape(self, index: int) -> tuple[int, int]:
         """(height, width), decoding the record (TFDS stores no size beside the image)."""
         return self[index][0].shape[:2]
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        """The record's image as stored (ImageNet's JPEG), undecoded, and its label."""
+        if self._encoded_records is None:  # a second view of the same files, opened on first use
+            import tensorflow_datasets as tfds
+
+            self._encoded_records = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                                                     decoders={"image": tfds.decode.SkipDecoding()})
+        try:
+            record = self._encoded_records[index]
+        except Exception as error:  # noqa: BLE001 - a damaged record: name it, whatever broke
+            raise DataError(f"{self.describe(index)}: unreadable ({type(error).__name__}: {error})") from None
+        return bytes(record["image"]), int(record["label"])
 
 
 def open_split(name: str, split: str, data_dir: str | None, classes: tuple[str, ...] | None = None):

@@ -179,6 +179,25 @@ class _Positions:
         return batch * self.share + min(max(k - self.process * self.share, 0), self.share)
 
 
+def normalization_sample(seed: int, num_records: int) -> np.ndarray:
+    """The training records whose center crops give the normalisation statistics, sorted."""
+    return np.sort(np.random.default_rng([seed, 2]).choice(
+        num_records, min(num_records, NORMALIZATION_SAMPLE), replace=False))
+
+
+def multi_scale_order(record_buckets: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(records, buckets) by position of multi-scale evaluation, from each record's canvas
+    bucket (-1: unreadable and skipped, left out): the records grouped by bucket, in order
+    within each, each group padded with records of -1 to whole batches."""
+    records, buckets = [], []
+    for bucket in range(len(augment.MULTI_SCALE_BUCKETS)):
+        members = np.flatnonzero(record_buckets == bucket)
+        padding = -len(members) % batch_size
+        records.append(np.concatenate([members, np.full(padding, -1)]))
+        buckets.append(np.full(len(members) + padding, bucket))
+    return np.concatenate(records), np.concatenate(buckets)
+
+
 def epoch_order(seed: int, epoch: int, num_records: int) -> np.ndarray:
     """The order in which training epoch `epoch` reads the records: a permutation of them all."""
     return np.random.default_rng([seed, 0, epoch]).permutation(num_records)
@@ -610,9 +629,7 @@ class StreamedData:
 
     def _normalization(self) -> Normalization:
         grain = _grain()
-        n = len(self.train)
-        sample = np.sort(np.random.default_rng([self.settings.seed, 2]).choice(
-            n, min(n, NORMALIZATION_SAMPLE), replace=False))
+        sample = normalization_sample(self.settings.seed, len(self.train))
         dataset = grain.MapDataset.range(len(sample)).map(
             _EvalExample(self.train, sample, self.settings, "center", _Positions(len(sample), 0, 1)))
         batches = HostBatches(dataset, 64, self.pipeline)
@@ -678,14 +695,7 @@ class StreamedData:
                 found[k * 256:k * 256 + len(part)] = part
         finally:
             host.close()
-        record_buckets = gather_from_processes(found)[:n]
-        records, buckets = [], []
-        for bucket in range(len(augment.MULTI_SCALE_BUCKETS)):
-            members = np.flatnonzero(record_buckets == bucket)
-            padding = -len(members) % batch
-            records.append(np.concatenate([members, np.full(padding, -1)]))
-            buckets.append(np.full(len(members) + padding, bucket))
-        return np.concatenate(records), np.concatenate(buckets)
+        return multi_scale_order(gather_from_processes(found)[:n], batch)
 
     def eval_batch_like(self, mode: str) -> StreamedBatch | None:
         """An eval step's input in `mode` as shapes and shardings, to compile the step

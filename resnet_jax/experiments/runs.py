@@ -172,8 +172,8 @@ def finish_runs(
         numbers = final_eval(run)
         if numbers is None:
             raise ExperimentError(
-                f"{run.workdir}: training stopped before its last step (preempted?); repeat the "
-                "command to resume it"
+                f"{run.workdir}: training stopped before its last step (interrupted or preempted?); "
+                "repeat the command to resume it"
             )
         results.append(RunResult(run, trained_now=run.name in wall, wall_s=wall.get(run.name), **numbers))
     return results
