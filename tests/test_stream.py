@@ -222,12 +222,14 @@ def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_r
 def test_an_evaluation_whose_views_do_not_fit_in_shared_memory_is_refused_before_its_workers_start(
         folder, monkeypatch):
     data = stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train", "eval"))
-    # Ten 16x16 crops (7,680 bytes) take two pages, as do the two 24x32 canvases of a
-    # multi-scale example (4,608 bytes; its 16x22 ones travel pickled); one 16x16 crop
-    # travels pickled.
-    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 70 * 8192 - 1)
+    # The eval batch of 4 travels in pieces of 4. Four sets of ten 16x16 crops (30,720 bytes)
+    # take eight pages; so do a multi-scale piece's four pairs of 24x32 canvases (18,432
+    # bytes, five pages) and of 16x22 ones (8,448 bytes, three pages). Four 16x16 crops
+    # (3,072 bytes) travel pickled: center evaluation needs no shared memory.
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 70 * 8 * 4096 - 1)
     for mode in ("ten_crop", "multi_scale"):
-        refused = rf"{mode} evaluation pipeline needs up to 0.5 MiB .* of 8192 bytes"
+        refused = (rf"/dev/shm has 2.2 MiB free, but the {mode} evaluation pipeline needs up to 2.2 MiB "
+                   rf"there: 70 pieces of 4 examples .* of 32768 bytes")
         with pytest.raises(DataError, match=refused), data.eval_passes(mode):
             pass
     with data.eval_passes("center"):
@@ -269,7 +271,8 @@ def eval_pass_arrays(one_pass, keys=("views", "label", "mask")):
 
 def test_one_worker_pool_serves_every_evaluation_each_pass_the_whole_set_and_closes(folder, monkeypatch):
     opened = []
-    monkeypatch.setattr(stream, "HostBatches", lambda *args: opened.append(args) or HostBatches(*args))
+    monkeypatch.setattr(stream, "HostBatches",
+                        lambda *args, **kwargs: opened.append(args) or HostBatches(*args, **kwargs))
     data = stream.StreamedData(small_config(folder, num_workers=1), data_parallel(), ("train", "eval"))
     opened.clear()  # the normalisation sample's pool
     with data.eval_passes("center") as one_pass:
