@@ -148,6 +148,18 @@ def test_worker_processes_give_the_same_batches_as_the_main_process(folder):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_held_on_the_devices_stay_intact_while_the_host_buffers_are_reused(folder, workers):
+    data = stream.StreamedData(small_config(folder, num_workers=workers), data_parallel(), ("train",))
+    examples = data.train_dataset(0)
+    with data.train_batches(0) as batches:
+        held = [next(batches).batch for _ in range(12)]  # the ring of 2 buffers comes round 6 times
+    for step, batch in enumerate(held):
+        expected = [examples[step * 4 + k] for k in range(4)]
+        for key in ("image", "label", "lighting"):
+            np.testing.assert_array_equal(np.asarray(batch[key]), np.stack([e[key] for e in expected]))
+
+
 class CountingSource:
     """An image source that appends a byte to the file `log` for each image it decodes, in
     whichever process decodes it."""

@@ -567,7 +567,13 @@ class DeviceBatches:
         return False
 
     def _transfer(self) -> None:
-        put = lambda x: jax.make_array_from_process_local_data(self._parallel.batch, x)  # noqa: E731
+        # A CPU device may keep a numpy array's own memory as its buffer (no copy), so an
+        # array made from a ring buffer would change when the ring comes round: there the
+        # array gets a copy of its own. An accelerator's transfer copies, and is done
+        # reading the buffer once the array is ready.
+        aliases = any(device.platform == "cpu" for device in self._parallel.batch.device_set)
+        own = np.copy if aliases else (lambda x: x)
+        put = lambda x: jax.make_array_from_process_local_data(self._parallel.batch, own(x))  # noqa: E731
         previous = None
         try:
             for batch in self._host:  # fills the buffer batch k - RING was transferred from
@@ -655,7 +661,7 @@ class StreamedData:
     @contextlib.contextmanager
     def _batches(self, dataset, batch_size: int) -> Iterator[Iterator[StreamedBatch]]:
         """`dataset`'s examples in batches of this process's share of `batch_size`, on the devices."""
-        host = HostBatches(dataset, batch_size // jax.process_count(), self.pipeline, reuse=False)
+        host = HostBatches(dataset, batch_size // jax.process_count(), self.pipeline, reuse=True)
         batches = DeviceBatches(host, self.parallel, self.config.dataset.prefetch_batches)
         try:
             yield (StreamedBatch(batch, self.normalization) for batch in batches)
@@ -736,7 +742,7 @@ class StreamedData:
         def one_pass() -> Iterator[StreamedBatch]:
             nonlocal host, batches
             if host is None:  # the examples repeat: a pass is the next num_batches batches
-                host = HostBatches(dataset.repeat(), share, self.pipeline, reuse=False)
+                host = HostBatches(dataset.repeat(), share, self.pipeline, reuse=True)
             if batches is not None:
                 batches.close()
             batches = DeviceBatches(itertools.islice(host, num_batches), self.parallel,
