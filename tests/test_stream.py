@@ -220,8 +220,9 @@ def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_r
     assert options.piece_of(4) == 4
     need = options.pieces_in_shared_memory * 5 * 4096
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need // 2)
-    with pytest.raises(DataError, match=r"/dev/shm has 0.7 MiB free, but the training pipeline needs up to "
-                                        r"1.4 MiB there: 70 pieces of 4 examples in flight .* of 20480 bytes.*--shm-size"):
+    refused = (r"/dev/shm has 0.7 MiB free, but the training pipeline needs up to 1.4 MiB there: "
+               r"70 pieces of 4 examples in flight .* of 20480 bytes.*--shm-size")
+    with pytest.raises(DataError, match=refused):
         stream.StreamedData(small_config(folder, **sizes), data_parallel(), ("train",))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
     example = {"image": np.zeros((38, 38, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
