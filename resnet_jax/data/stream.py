@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax.data import augment, input_workers
+from resnet_jax.data import augment, input_workers, piece_rings
 from resnet_jax.data.image_records import open_split
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import Parallel, eval_batch_size_for, gather_from_processes
@@ -388,6 +388,13 @@ class PipelineOptions:
         workers = auto_workers() if d.num_workers == -1 else d.num_workers
         return cls(workers, d.read_threads, d.read_buffer_size, d.worker_buffer_size)
 
+    @property
+    def ring_slots(self) -> int:
+        """Slots of each worker's ring (`piece_rings`): the pieces it may have handed over
+        and this process not yet consumed, in its queue and this process's buffer for it
+        and one on its way each side; a worker with a full ring waits."""
+        return 2 * self.worker_buffer + 2
+
     def piece_of(self, batch_size: int) -> int:
         """Examples per piece for batches of `batch_size`: the largest divisor of it up to
         `piece`, so that each piece lies within one batch."""
@@ -472,6 +479,9 @@ class HostBatches:
         grain = _grain()
         self.batch_size, self.reuse = batch_size, reuse
         pieces = dataset.batch(options.piece_of(batch_size))
+        self._rings = piece_rings.RingReader() if options.workers else None
+        if options.workers:
+            pieces = pieces.map_with_index(piece_rings.RingWriter(options.workers, options.ring_slots))
         iter_dataset = pieces.to_iter_dataset(grain.ReadOptions(
             num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer))
         if options.workers:
@@ -508,16 +518,23 @@ class HostBatches:
         batch, treedef, filled = None, None, 0
         while filled < self.batch_size:  # pieces divide the batch (the dataset's last may be short)
             try:
-                leaves, treedef = jax.tree_util.tree_flatten(self._next_piece())
+                piece = self._next_piece()
             except StopIteration:
                 if batch is None:
                     raise
                 return jax.tree_util.tree_unflatten(treedef, [leaf[:filled] for leaf in batch])
+            if self._rings is None:
+                (leaves, treedef), done = jax.tree_util.tree_flatten(piece), None
+            else:
+                leaves, treedef, done = self._rings.leaves(piece)
             if batch is None:
                 batch = self._buffer(leaves)
             size = len(leaves[0])
             for column, leaf in zip(batch, leaves, strict=True):
                 column[filled:filled + size] = leaf
+            del leaves
+            if done is not None:
+                done()  # its slot may be written again
             filled += size
         return jax.tree_util.tree_unflatten(treedef, batch)
 
@@ -533,6 +550,8 @@ class HostBatches:
         close = getattr(self._pieces, "close", None)
         if close is not None:
             close()
+        if self._rings is not None:
+            self._rings.close()
 
 
 class DeviceBatches:
