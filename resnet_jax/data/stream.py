@@ -479,9 +479,10 @@ class HostBatches:
         grain = _grain()
         self.batch_size, self.reuse = batch_size, reuse
         pieces = dataset.batch(options.piece_of(batch_size))
-        self._rings = piece_rings.RingReader() if options.workers else None
+        self._rings = piece_rings.RingReader(options.workers) if options.workers else None
         if options.workers:
-            pieces = pieces.map_with_index(piece_rings.RingWriter(options.workers, options.ring_slots))
+            pieces = pieces.map_with_index(
+                piece_rings.RingWriter(self._rings.prefix, options.workers, options.ring_slots))
         iter_dataset = pieces.to_iter_dataset(grain.ReadOptions(
             num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer))
         if options.workers:
@@ -547,6 +548,8 @@ class HostBatches:
             return next(self._pieces)
 
     def close(self) -> None:
+        if self._rings is not None:
+            self._rings.stop()  # no worker waits for a slot while being stopped
         close = getattr(self._pieces, "close", None)
         if close is not None:
             close()
