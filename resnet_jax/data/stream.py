@@ -2,10 +2,12 @@
 
 Grain (`pip install -e '.[stream]'`, imported only here) maps positions to single
 examples: decode with Pillow and augment with numpy (`data/augment.py`) in worker
-processes (`PipelineOptions`); this process batches them as they arrive (`HostBatches`),
-so buffers hold examples, never batches, and at most `PipelineOptions.examples_ahead` are
-decoded ahead of the consumer. Each process turns its part of every batch into the global
-array with the mesh's batch sharding; a few batches wait on the devices ahead of the step.
+processes (`PipelineOptions`), which stack them into pieces (`PIECE`) and hand these over
+through shared-memory rings (`data/piece_rings.py`); this process copies the pieces into
+batch buffers reused from step to step (`HostBatches`), and at most
+`PipelineOptions.examples_ahead` examples are decoded ahead of the consumer. A background
+thread turns this process's part of every batch into the global array with the mesh's
+batch sharding, a few batches ahead of the step (`DeviceBatches`).
 
 Everything is index-based, so training batch `s` is a pure function of (seed, s):
 - global position g = s * batch_size + k is example k of batch s; epoch g // N uses the
@@ -341,11 +343,12 @@ _PENDING_SHM_UNLINKS = 50
 # piece's labels and lighting offsets) travel pickled instead (Grain's `min_shm_size`).
 _PAGE = 4096
 # Examples a worker stacks into one piece, the unit that crosses to the training process.
-# Each crossing costs a pickle, a shared-memory block per array (a file descriptor while
-# open) and a queue hand-over, tens of microseconds whatever its size: over 32 examples
-# that is about a microsecond per example, where one example per crossing cost hundreds
-# (benchmarks/RESULTS.md, the pre-decoded ceiling). Larger pieces gain little more and
-# multiply what each worker holds in flight (a 224x224 piece is 4.8 MB). A piece is the
+# Each crossing costs the training process a token's unpickling, a queue hand-over and the
+# Python of joining, the same whatever the piece's size: over 32 examples it is a small
+# part of the cost of copying their pixels, where over 8 it is about half as much again
+# (benchmarks/RESULTS.md, the host-side ceiling, by piece size). Larger pieces gain little
+# more and multiply the shared memory of each worker's ring (a 224x224 piece is 4.8 MB,
+# a ring holds 2 x worker_buffer_size + 2). A piece is the
 # largest divisor of the batch up to this, so that no piece straddles two batches (a multi-
 # scale evaluation batch holds one canvas size, the next one may hold another).
 PIECE = 32
