@@ -9,9 +9,9 @@ each save is timed from the call to its return, which is when training would dis
 its next step: the median over `--saves` saves after the first. Three ways:
 - `device_checksums`: `checkpoint.save`, which dispatches `integrity`'s checksums and
   writes them from a background thread;
-- `host_sha256`: how saves ran before: SHA-256 of every array (`checkpoint.digest`, a
-  fetch of the whole state to the host) on the training thread, then Orbax's save with
-  the digests in its metadata;
+- `host_sha256`: the other design, how saves ran before `integrity`: SHA-256 of every
+  array (`sha256_digests`, a fetch of the whole state to the host) on the training
+  thread, then Orbax's save with the digests in its metadata;
 - `orbax_alone`: Orbax's save with no checksums at all, what the other two add to.
 `written_s` is the median time from a save's call until it and its checksums are on
 disk (`wait_until_finished`), which training does not wait for; `first_blocking_ms` the
@@ -25,6 +25,7 @@ and `written_s`, the arguments.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import tempfile
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import absl.logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from resnet_jax import backend, checkpoint
@@ -41,9 +43,19 @@ from resnet_jax.parallel import data_parallel
 from resnet_jax.state import build_model, init_state
 
 
+def sha256_digests(state) -> dict[str, str]:
+    """SHA-256 of every array of a (host or fully addressable) state, by tree path."""
+    digests = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+        array = np.ascontiguousarray(leaf)
+        header = f"{array.dtype.str}{array.shape}".encode()
+        digests[jax.tree_util.keystr(path)] = hashlib.sha256(header + array.tobytes()).hexdigest()
+    return digests
+
+
 def save_host_sha256(mngr: checkpoint.Manager, step: int, state) -> None:
     mngr.save(step, args=ocp.args.StandardSave(state), force=True,
-              custom_metadata={checkpoint.DIGEST_KEY: checkpoint.digest(state)})
+              custom_metadata={"sha256": sha256_digests(state)})
 
 
 def save_without_checksums(mngr: checkpoint.Manager, step: int, state) -> None:

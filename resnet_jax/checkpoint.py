@@ -8,10 +8,9 @@ Orbax checks no content, so each save records a checksum of every array, compute
 devices and written off the training thread to `checkpoint_checksums/<step>.json`
 (`resnet_jax/integrity.py` says how and why), and every restore recomputes and compares
 them: a damaged checkpoint, or one whose checksums were never recorded, is reported with
-its path, never loaded. Checkpoints written before that carry a SHA-256 of every array in
-their Orbax metadata instead, which a restore checks likewise. Damaged checkpoints met
-while resuming are moved to `checkpoints_damaged/` (kept for inspection, out of Orbax's
-way, with their checksums record) and the run falls back to the newest intact one.
+its path, never loaded. Damaged checkpoints met while resuming are moved to
+`checkpoints_damaged/` (kept for inspection, out of Orbax's way, with their checksums
+record) and the run falls back to the newest intact one.
 
 Workdirs are local folders or `gs://` URLs: every path here is an `etils.epath.Path` made
 by `workdir.workdir_path`.
@@ -20,7 +19,6 @@ by `workdir.workdir_path`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -43,8 +41,6 @@ from resnet_jax.workdir import WorkdirError, workdir_path, write_text_atomically
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
-# Where checkpoints written before `integrity` carry their SHA-256 digests, in Orbax's metadata.
-DIGEST_KEY = "sha256"
 
 
 class DamagedCheckpoint(WorkdirError):
@@ -197,17 +193,6 @@ def manager(workdir: str | os.PathLike[str], keep: int = 3, read_only: bool = Fa
         )
 
 
-def digest(state: Any) -> dict[str, str]:
-    """SHA-256 of every array of a (host or fully addressable) state, by tree path: what
-    checkpoints written before `integrity` recorded."""
-    digests = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
-        array = np.ascontiguousarray(leaf)
-        header = f"{array.dtype.str}{array.shape}".encode()
-        digests[jax.tree_util.keystr(path)] = hashlib.sha256(header + array.tobytes()).hexdigest()
-    return digests
-
-
 def save(mngr: Manager, step: int, state: Any, metrics: dict | None = None) -> None:
     """Start an asynchronous save of `state` and of its checksums (training goes on while
     they are written; `mngr.wait_until_finished()` waits for both)."""
@@ -221,17 +206,6 @@ def wait_until_recorded(mngr: Manager) -> None:
     (nor reads the checkpoints) before the first process has recorded them."""
     mngr.wait_until_finished()
     barrier("checkpoint checksums recorded")
-
-
-def _recorded(mngr: ocp.CheckpointManager, step: int) -> tuple[dict[str, str] | None, Any]:
-    """(the checksums recorded for `step`, the function of a state that recomputes them):
-    `integrity`'s record, else the SHA-256 digests in the metadata of older checkpoints,
-    else (None, None). Raises what reading Orbax's metadata raises."""
-    recorded = integrity.read_record(mngr.directory.parent, step)
-    if recorded:
-        return recorded, lambda state: integrity.as_record(integrity.checksums(state))
-    legacy = (mngr.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
-    return (legacy, digest) if legacy else (None, None)
 
 
 def _path_name(path: tuple) -> str:
@@ -255,7 +229,7 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
     try:
         stored = _shapes(mngr.item_metadata(step))
         committed = mngr.metadata(step).commit_timestamp_nsecs
-        recorded, _ = _recorded(mngr, step)
+        recorded = integrity.read_record(mngr.directory.parent, step)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         problem = f"{type(error).__name__}: {str(error)[:300]}"
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {problem}") from None
@@ -289,15 +263,15 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     when it was saved."""
     check_compatible(mngr, step, abstract_state)  # also: the checksums are there
     path = mngr.directory / str(step)
+    recorded = integrity.read_record(mngr.directory.parent, step)
     try:
-        recorded, recompute = _recorded(mngr, step)
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
     # tensorstore reports damage as ValueError, OSError or a bare Exception; the tree's
     # structure was checked against the metadata before, so what fails here is reading.
     except Exception as error:
         problem = f"{type(error).__name__}: {str(error)[:300]}"
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {problem}") from None
-    actual = recompute(state)
+    actual = integrity.as_record(integrity.checksums(state))
     for key in sorted(set(recorded) | set(actual)):
         if recorded.get(key) != actual.get(key):
             raise DamagedCheckpoint(f"checkpoint {path} is damaged: {key} differs from its recorded checksum")

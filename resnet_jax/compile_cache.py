@@ -34,7 +34,8 @@ from resnet_jax import backend
 AUTO = "auto"
 # Programs that compile faster than this are not written: the many small ones (a random
 # split, an elementwise op) would cost more files than they save time. JAX's own default,
-# 1 s, would leave out the eval step of the small nets (0.4 s for ResNet-8 on a 2-core CPU).
+# 1 s, would leave out the eval step of the small nets, which compiles in under a second on
+# a 2-core CPU (measured: benchmarks/RESULTS.md, "Compiling the small nets' eval step").
 MIN_COMPILE_SECONDS = 0.2
 
 

@@ -134,6 +134,10 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
             # reused batch buffers by `stream.PipelineOptions.host_bytes`.
             num_workers=Logistics(-1), prefetch_batches=Logistics(2), read_threads=Logistics(2),
             read_buffer_size=Logistics(4), worker_buffer_size=Logistics(4),
+            # A training run's evaluation pool: at most this many decoding processes (and
+            # never more than training's), idle between evaluations, so a small pool rather
+            # than a second full one; evaluate.py, which has no training pool, uses num_workers.
+            eval_workers=Logistics(4),
             # Streamed datasets: "grain" (host workers) or "dali" (GPU decoding; the same
             # images and views, the pixels to the resampler's rounding, so a run may switch).
             loader=Logistics("grain"),
@@ -572,6 +576,10 @@ def check_evaluation(config: ml_collections.ConfigDict, num_devices: int) -> Non
     _require(config.dataset.num_workers >= -1, "dataset.num_workers", config.dataset.num_workers,
              "-1 (the CPUs this process may use, shared among the host's training processes), "
              "0 (in the main process) or a number of processes")
+    _require(isinstance(config.dataset.eval_workers, int) and config.dataset.eval_workers >= 0,
+             "dataset.eval_workers", config.dataset.eval_workers,
+             "0 (evaluation decodes in the main process) or a number of processes for a training "
+             "run's evaluation (at most dataset.num_workers of them)")
     loader, name = config.dataset.loader, config.dataset.name
     _require(loader in LOADERS, "dataset.loader", loader,
              f"'grain' (the default: decoding on the host) or 'dali' (decoding on NVIDIA GPUs, "

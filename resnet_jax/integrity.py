@@ -14,9 +14,10 @@ Why not SHA-256 of a host copy on a background thread, the other design: the tra
 thread would still copy the whole state (Orbax's own host copy is Orbax's), an
 accelerator would transfer it to the host twice, and on a CPU the hashing competes with
 the steps for the cores. Here the devices read the state once more and the host moves 8
-bytes an array. For ResNet-50's state (205 MB) on a 2-core CPU, a save blocked the
-training thread 400 ms with SHA-256 on it, 240 ms with these checksums, 180 ms with no
-checksums at all (`benchmarks/checkpoint_save.py`, `benchmarks/RESULTS.md`).
+bytes an array. For ResNet-50's state on a 2-core CPU, a save blocked the training
+thread less with these checksums than with SHA-256, and little more than with no
+checksums at all (`benchmarks/checkpoint_save.py`; the figures: `benchmarks/RESULTS.md`,
+"Checkpoint save: blocking time on the training thread").
 
 The checksum: the array's bytes as 32-bit words (2- and 1-byte dtypes widened, 8-byte
 ones split), each word mixed with its index by an odd multiply and murmur3's finaliser,
@@ -62,8 +63,9 @@ def _fmix32(h: jax.Array) -> jax.Array:
 
 
 # One program per shape and dtype, each dispatched on its own: ResNet-50's state has ~30
-# distinct ones, each compiling in a fraction of a second, where one program over the
-# whole tree took 22 s to compile on a 2-core CPU (benchmarks/RESULTS.md).
+# distinct ones, each compiling quickly, where one program over the whole tree made the
+# first save block many times longer than a later one on a 2-core CPU (measured:
+# benchmarks/RESULTS.md, "Checkpoint save: blocking time on the training thread").
 @jax.jit
 def _array_checksum(x: jax.Array) -> jax.Array:
     """Two uint32 lanes of `x`'s checksum."""
@@ -86,8 +88,9 @@ def checksums(state: Any) -> Any:
 def compile_checksums(state: Any) -> None:
     """Compile the checksum programs for arrays like `state`'s now, by dispatching them on
     it once, so that saves only dispatch them: compiled at ResNet-50's first save, they
-    blocked it for 4 s on a 2-core CPU, and widened the time in which a kill leaves a
-    committed checkpoint without its record."""
+    blocked it many times longer than a later save on a 2-core CPU (the figures:
+    benchmarks/RESULTS.md, "Checkpoint save: blocking time on the training thread"), and
+    widened the time in which a kill leaves a committed checkpoint without its record."""
     checksums(state)
 
 

@@ -324,13 +324,6 @@ def _check_choice(field: str, value: Any, accepted: tuple) -> None:
 
 
 def _check_conv(conv: Any) -> None:
-    if isinstance(conv, str):
-        raise ValueError(
-            f"conv={conv!r}: the model no longer takes a convolution path by name; it takes the "
-            "convolution module itself (conv=nn.Conv, the default, or functools.partial(nn.Conv, "
-            "conv_general_dilated=...)). Training chooses its CPU path with the config key "
-            f"model.conv (--config.model.conv={conv})."
-        )
     if not callable(conv):
         raise ValueError(f"conv={conv!r} is not a module: expected nn.Conv or a callable that builds one")
 

@@ -16,12 +16,13 @@ the first step (`compile_ahead`) for inputs like `inputs.eval_inputs_like(mode)`
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +205,18 @@ def compile_ahead(step, name: str, announce: bool, *args):
     return compiled
 
 
+def compiled_with_first_batch(train_step, batches: Iterator, announce: bool, state: TrainState, inputs_like,
+                              key: jax.Array):
+    """(the training step compiled for inputs like `inputs_like`, the first of `batches`):
+    the step compiles here while a thread takes the first batch, which starts the input
+    workers (seconds to minutes each: they overlap). A compile error comes once that batch
+    has (the thread is not left running); a pipeline error comes as it is."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="first-batch") as fetching:
+        first = fetching.submit(next, batches)
+        compiled = compile_ahead(train_step, "training step", announce, state, inputs_like, key)
+        return compiled, first.result()
+
+
 def eval_metrics(eval_step, variables: dict, batches: Iterable) -> dict[str, float]:
     """Loss, top-1 and top-5 error over every example of `batches` (the eval step's
     inputs), each scored once."""
@@ -263,6 +276,9 @@ class DeviceInputs:
         index = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.parallel.replicated)
         return memory.EvalBatchIndex(self.data["eval"], index)
 
+    def train_inputs_like(self) -> memory.DeviceData:
+        return self.data["train"]
+
     def train_batches(self, start_step: int):
         return contextlib.nullcontext(itertools.repeat(self.data["train"]))
 
@@ -294,6 +310,10 @@ class StreamInputs:
 
     def eval_inputs_like(self, mode: str) -> stream.StreamedBatch | None:
         return self.data.eval_batch_like(mode)
+
+    def train_inputs_like(self) -> stream.StreamedBatch:
+        return stream.train_batch_like(self.config.dataset.image_size, self.config.batch_size, self.parallel,
+                                       self.data.normalization)
 
     def train_batches(self, start_step: int):
         return self.data.train_batches(start_step)
@@ -438,19 +458,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     # One eval pipeline for the run: each evaluation is one pass of it.
     with (mngr, writer, inputs.train_batches(start) as train_batches,
           inputs.eval_passes("center") as eval_pass):
-        if progress.enabled and step < config.num_train_steps:
-            print("compiling the training step ...", flush=True)  # the first call compiles it
+        if step < config.num_train_steps:
+            train_step, first = compiled_with_first_batch(train_step, train_batches, progress.enabled, state,
+                                                          inputs.train_inputs_like(), data_key)
+            train_batches = itertools.chain([first], train_batches)
         while step < config.num_train_steps:
-            batch = next(train_batches)
-            dispatched = time.perf_counter()
-            state, metrics = train_step(state, inputs=batch, key=data_key)
+            state, metrics = train_step(state, next(train_batches), data_key)
             first_dispatch = interval_start is None
-            if first_dispatch and progress.enabled:  # the call returns once compiled; the step runs on
-                print(f"compiled the training step in {time.perf_counter() - dispatched:.1f} s", flush=True)
             step += config.steps_per_dispatch
             pending.append(metrics)
             if first_dispatch:
-                # The first dispatch includes compilation: time the steps after it.
+                # The first step warms up (allocations, the input pipeline's buffers): time the
+                # steps after it.
                 jax.block_until_ready(metrics)
                 interval_start = time.perf_counter()
             else:

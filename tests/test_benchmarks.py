@@ -54,3 +54,16 @@ def test_dali_pipeline_times_the_host_plan_and_the_whole_pipeline():
     assert (line["platform"], line["augment"], line["batch"]) == ("cpu", "scale_crop_flip", 8)
     assert line["plan_images_per_sec"] > 0 and set(line["images_per_sec"]) == {"1", "2"}
     assert all(rate > 0 for rate in line["images_per_sec"].values())
+
+
+@pytest.mark.grain
+def test_worker_startup_measures_the_descriptors_the_check_counts():
+    from resnet_jax.data import pool_limits
+
+    line = last_json_line("worker_startup.py", "--workers", "1", "2", "--records", "1000")
+    assert line["per_worker"]["pool_fds"] == pytest.approx(pool_limits.FDS_PER_WORKER)
+    assert line["trainer_fds_before_pool"] < pool_limits.FIXED_FDS
+    for run in line["runs"]:  # within the pipeline's bound, at the default buffers of 4
+        assert 0 < run["fds_full"]["shm"] <= run["workers"] * (2 * 4 + 2) + 50
+        assert run["first_batch_s"] > 0 and run["worker_cpu_s"] > 0 and run["worker_pss"] > 0
+    assert line["dataset_copy"]["bytes"] > 1000 * 40  # the 1,000 paths travel to each worker

@@ -302,6 +302,8 @@ def test_invalid_configs_are_refused_with_key_value_and_accepted(changes, words)
         ({"dataset.multi_scale_sizes": ()}, ["multi_scale_sizes", "non-empty tuple"]),
         ({"dataset.num_classes": 10}, ["dataset.num_classes", "0 or 1000 for imagenet2012"]),
         ({"dataset.num_workers": -2}, ["dataset.num_workers", "-1 (the CPUs this process may use"]),
+        ({"dataset.eval_workers": -1}, ["dataset.eval_workers", "-1", "0 (evaluation decodes in the main",
+                                        "at most dataset.num_workers"]),
         ({"dataset.read_threads": 0}, ["dataset.read_threads", "an integer >= 1"]),
         ({"dataset.read_buffer_size": 1}, ["dataset.read_buffer_size", ">= dataset.read_threads (2)"]),
         ({"dataset.worker_buffer_size": 0}, ["dataset.worker_buffer_size", "an integer >= 1"]),
@@ -348,6 +350,7 @@ def test_the_fingerprint_and_the_resume_check_leave_out_exactly_the_keys_marked_
         "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints", "tensorboard",
         "eval_batch_size", "dataset.data_dir", "dataset.num_workers", "dataset.prefetch_batches",
         "dataset.read_threads", "dataset.read_buffer_size", "dataset.worker_buffer_size",
+        "dataset.eval_workers",
         "dataset.loader",  # the same images and views through Grain or DALI, to the resampler's rounding
         "compilation_cache_dir",
         "model.conv",  # the CPU's convolution path: the same results to float rounding on each

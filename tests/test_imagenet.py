@@ -6,6 +6,7 @@ import multiprocessing
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -118,8 +119,66 @@ def test_a_run_evaluates_through_one_eval_pipeline_and_closes_every_pipeline(
     else:
         train_and_evaluate(config, tmp_path)
     assert sum("eval_error" in line for line in metrics_lines(tmp_path)) == 4
-    assert len(pipelines) == 3  # the normalisation sample, training, and one for the 4 evaluations
+    assert len(pipelines) == 2  # training, and one for the 4 evaluations (the normalisation sample: none)
     assert all(pipeline.closed for pipeline in pipelines) and not multiprocessing.active_children()
+
+
+def await_file(path: Path, what: str, seconds: float = 120) -> None:
+    """Wait for `path` to exist; a guard against hanging, failing naming `what` did not happen."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {seconds} s")
+        time.sleep(0.01)
+
+
+class RendezvousSource:
+    """An image source whose reads in a worker process mark `worker_read` and then wait for
+    `compiling` to exist; reads in the training process (the start-up checks and the
+    normalisation sample) go straight through."""
+
+    def __init__(self, source, worker_read: Path, compiling: Path):
+        self.source, self.worker_read, self.compiling = source, worker_read, compiling
+        self.num_classes, self.classes = source.num_classes, source.classes
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        if multiprocessing.parent_process() is not None:
+            self.worker_read.touch()
+            await_file(self.compiling, "the training step's compilation while the workers decode")
+        return self.source[index]
+
+
+def test_the_training_step_compiles_while_the_input_workers_start(folder, tmp_path, monkeypatch):
+    """The workers' first read waits for the compilation to begin, and the compilation waits
+    for a worker's first read: a run that compiled first and then started the workers, or
+    the other way round, would fail here."""
+    from resnet_jax import train
+
+    worker_read, compiling = tmp_path / "worker_read", tmp_path / "compiling"
+    open_split = stream.open_split
+
+    def rendezvous_train_split(name, split, *args):
+        records = open_split(name, split, *args)
+        return RendezvousSource(records, worker_read, compiling) if split == "train" else records
+
+    compile_ahead, compiled = train.compile_ahead, []
+
+    def compile_meeting_the_workers(step, name, *args):
+        if name == "training step":
+            compiling.touch()
+            await_file(worker_read, "a worker's first read while the training step compiled")
+            compiled.append(name)
+        return compile_ahead(step, name, *args)
+
+    monkeypatch.setattr(stream, "open_split", rendezvous_train_split)
+    monkeypatch.setattr(train, "compile_ahead", compile_meeting_the_workers)
+    config = small_config(data_dir=folder, num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
+    config.dataset.num_workers = 1
+    assert "eval_error" in train_and_evaluate(config, tmp_path / "run")
+    assert compiled == ["training step"]
 
 
 def test_evaluation_refuses_data_with_other_classes(trained, tmp_path):

@@ -358,9 +358,6 @@ def test_named_models_and_defaults():
         (lambda: rj.create_model("plain20", shortcut="B"), ["plain", "shortcut"]),
         (lambda: rj.create_model("resnet20", num_clases=10), ["num_clases", "num_classes"]),
         (lambda: rj.create_model("plain20", zero_init_residual=True), ["zero_init_residual"]),
-        # The paths by name belong to training's config now; a model takes the module.
-        (lambda: rj.create_model("resnet20", conv="xla"), ["conv='xla'", "nn.Conv", "model.conv"]),
-        (lambda: rj.ResNet((1, 1), conv="auto"), ["conv='auto'", "nn.Conv", "--config.model.conv=auto"]),
         (lambda: rj.create_model("resnet20", conv=3), ["conv=3", "nn.Conv"]),
         (lambda: rj.create_model("resnet20", bn_group_size=-1), ["bn_group_size=-1", "0 (BN statistics"]),
     ],

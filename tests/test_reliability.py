@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -268,6 +269,39 @@ def test_a_signal_to_the_whole_process_group_with_input_workers_saves_the_step_a
     out = run_streamed(image_folder, workdir)
     assert f"resuming at step {step}" in out.stdout
     assert_same_run(workdir, streamed_reference, same_log_intervals=step % 2 == 0)
+
+
+@pytest.mark.grain
+def test_a_file_descriptor_limit_too_low_for_the_pools_is_refused_before_compiling_and_the_need_suffices(
+        image_folder, tmp_path):
+    """`ulimit -n` below what the stated figures give for 2 training and 2 evaluation workers
+    passing 38x38 crops (one shared-memory block each) is one paragraph, exit 2, before
+    anything compiles or is written; at exactly that number the run trains and evaluates."""
+    from resnet_jax.data import pool_limits
+
+    flags = ["--config.dataset.image_size=38", "--config.dataset.scale_range=40,44",
+             "--config.dataset.eval_resize=40", "--config.dataset.eval_workers=2",
+             "--config.num_train_steps=4", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
+    # PipelineOptions.pieces_in_shared_memory: 2 workers, buffers of 4, 50 pending unlinks.
+    blocks_per_pool = 2 * (2 * 4 + 2) + 50
+    need = pool_limits.FIXED_FDS + pool_limits.FDS_PER_WORKER * 4 + 2 * blocks_per_pool
+
+    def run_with_limit(limit, workdir):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        return subprocess.run([*streamed_command(image_folder, workdir), *flags], cwd=REPO_ROOT,
+                              capture_output=True, text=True,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard)))
+
+    low = run_with_limit(need - 1, tmp_path / "low")
+    assert low.returncode == 2 and "Traceback" not in low.stderr, low.stderr[-3000:]
+    message = low.stderr
+    assert f"needs about {need} file descriptors, but this process may open {need - 1} (ulimit -n)" in message
+    assert f"Run `ulimit -n {need}`" in message
+    assert "2 training and 2 evaluation worker processes" in message
+    assert "compil" not in low.stdout and not (tmp_path / "low").exists()
+    enough = run_with_limit(need, tmp_path / "enough")
+    assert enough.returncode == 0, enough.stderr[-3000:]
+    assert "step 4/4  eval_loss" in enough.stdout  # trained and evaluated with both pools
 
 
 def test_ctrl_c_while_train_py_imports_its_libraries_stops_in_one_line(data_dir, tmp_path):

@@ -282,16 +282,20 @@ def eval_pass_arrays(one_pass, keys=("views", "label", "mask")):
     return [{k: np.asarray(inputs.batch[k]) for k in keys} for inputs in one_pass()]
 
 
-def test_one_worker_pool_serves_every_evaluation_each_pass_the_whole_set_and_closes(folder, monkeypatch):
+def test_one_small_worker_pool_serves_every_evaluation_each_pass_the_whole_set_and_closes(folder,
+                                                                                        monkeypatch):
     opened = []
     monkeypatch.setattr(stream, "HostBatches",
                         lambda *args, **kwargs: opened.append(args) or HostBatches(*args, **kwargs))
-    data = stream.StreamedData(small_config(folder, num_workers=1), data_parallel(), ("train", "eval"))
-    opened.clear()  # the normalisation sample's pool
+    config = small_config(folder, num_workers=3, eval_workers=2)
+    assert stream.StreamedData(config, data_parallel(), ("eval",)).eval_pipeline.workers == 3  # evaluate.py's
+    data = stream.StreamedData(config, data_parallel(), ("train", "eval"))
+    assert not opened  # nothing started yet
     with data.eval_passes("center") as one_pass:
         passes = [eval_pass_arrays(one_pass) for _ in range(3)]
         workers = multiprocessing.active_children()
-        assert len(opened) == 1 and workers  # one pool, started at the first pass, still there
+        # One pool of dataset.eval_workers, started at the first pass, still there.
+        assert len(opened) == 1 and opened[0][2].workers == 2 and len(workers) == 2
     assert not set(workers) & set(multiprocessing.active_children())  # stopped at the close
     assert [len(batches) for batches in passes] == [3, 3, 3]  # 9 images in batches of 4, each time
     for later in passes[1:]:
@@ -355,3 +359,31 @@ def test_lighting_offsets_are_added_to_every_pixel_before_normalising():
     images, labels = stream.train_images(stream.StreamedBatch(batch, norm))
     np.testing.assert_allclose(images[0], np.broadcast_to([2.4, 2.0, 1.6], (4, 4, 3)), rtol=1e-6)
     np.testing.assert_allclose(images[1], 2.0)
+
+
+def test_the_normalization_sample_is_decoded_without_a_worker_pool_giving_the_pools_statistics(folder,
+                                                                                             monkeypatch):
+    import grain
+
+    config = small_config(folder, num_workers=2)
+    # The statistics a pool of 2 workers gives: the sample's center crops through HostBatches.
+    data = stream.StreamedData(config, data_parallel(), ("train",))
+    sample = stream.normalization_sample(config.seed, len(data.train))
+    positions = stream._Positions(len(sample), 0, 1)
+    crops = grain.MapDataset.range(len(sample)).map(
+        stream._EvalExample(data.train, sample, data.settings, "center", positions))
+    pooled = stream.HostBatches(crops, 64, data.pipeline)
+    try:
+        images = np.concatenate([batch["views"][batch["mask"]] for batch in pooled])
+    finally:
+        pooled.close()
+    mean, std = augment.normalization_stats(images, config.dataset.normalization)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started for the normalisation sample")
+
+    monkeypatch.setattr(stream.HostBatches, "__init__", no_pool)
+    norm = stream.StreamedData(config, data_parallel(), ("train",)).normalization
+    assert len(images) == len(sample) and mean.shape == (16, 16, 3)
+    np.testing.assert_array_equal(np.asarray(norm.mean), mean)
+    np.testing.assert_array_equal(np.asarray(norm.std), std)

@@ -22,13 +22,15 @@ The position to resume from is therefore the step the checkpoint already holds: 
 resumed run gets exactly the batches it would have got, on any number of processes or
 workers. Evaluation reads every record once, in order, the last batch padded and masked;
 a set smaller than the eval batch is one batch of its own size (rounded up to the device
-count). The eval pipeline of a training run is opened once: its workers serve every
-evaluation, each one pass over the records.
+count). The eval pipeline of a training run is opened once: its workers (a small pool,
+`dataset.eval_workers`) serve every evaluation, each one pass over the records. The
+normalisation sample is decoded by threads of this process, without a pool.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax.data import augment, input_workers, piece_rings
+from resnet_jax.data import augment, input_workers, piece_rings, pool_limits
 from resnet_jax.data.image_records import open_split
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import Parallel, eval_batch_size_for, gather_from_processes
@@ -108,6 +110,17 @@ def eval_views(inputs: StreamedBatch):
     else:
         views = normalize(batch["views"], norm)
     return views, batch["label"], batch["mask"]
+
+
+def train_batch_like(image_size: int, batch_size: int, parallel: Parallel,
+                     normalization: Normalization) -> StreamedBatch:
+    """A training step's input as shapes and shardings (the global batch of `image_size`
+    crops, as either loader gives it), to compile the step before any data is read."""
+    def like(shape, dtype):
+        return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=parallel.batch)
+
+    return StreamedBatch({"image": like((image_size, image_size, 3), np.uint8), "label": like((), np.int32),
+                          "lighting": like((3,), np.float32)}, normalization)
 
 
 def normalize_canvases(canvases: jnp.ndarray, valid: jnp.ndarray, norm: Normalization) -> jnp.ndarray:
@@ -435,6 +448,16 @@ def shared_memory_bytes(example: Any, piece: int = 1) -> int:
     return sum(-(-size // _PAGE) * _PAGE for size in sizes if size >= _PAGE)
 
 
+def _pool_footprint(options: PipelineOptions, example: Any, batch_size: int) -> tuple[int, int]:
+    """(workers, most shared-memory blocks in flight) of a pool passing examples like
+    `example` in batches of `batch_size`, for `pool_limits.check_file_descriptors`: each
+    array of a piece of a page or more counted as a block of its own (an over-count: most
+    pieces cross in the workers' rings, one block each)."""
+    piece = options.piece_of(batch_size)
+    blocks = sum(piece * np.asarray(leaf).nbytes >= _PAGE for leaf in jax.tree_util.tree_leaves(example))
+    return options.workers, options.pieces_in_shared_memory * blocks
+
+
 def _free_shared_memory(path: str = "/dev/shm") -> int | None:
     """Free bytes of the shared-memory filesystem workers pass examples through (None: no such
     folder, as on macOS, where Python's shared memory lives elsewhere)."""
@@ -651,26 +674,41 @@ class StreamedData:
             self.eval = open_split(d.name, d.eval_split, data_dir, getattr(self.train, "classes", None))
         self.num_classes = self.train.num_classes
         self.pipeline = PipelineOptions.of(config)
-        # The training examples are the largest the normalisation sample and the multi-
-        # scale plan pass too; evaluation checks its own views (`eval_passes`).
+        # A training run's evaluation pool is small (`dataset.eval_workers`); evaluate.py's
+        # is the only pool of its run.
+        eval_workers = self.pipeline.workers if "train" not in roles else min(d.eval_workers,
+                                                                               self.pipeline.workers)
+        self.eval_pipeline = dataclasses.replace(self.pipeline, workers=eval_workers)
+        # Training's workers pass training examples (the multi-scale plan's workers pass
+        # smaller ones); evaluation checks its own views (`eval_passes`).
+        self._train_pool = (0, 0)  # (workers, most shared-memory blocks in flight)
         if self.pipeline.workers and self.config.num_train_steps:  # decodes one example, here
-            check_shared_memory(self.pipeline, self.train_dataset(0)[0], "training",
-                                self.config.batch_size // jax.process_count())
+            example = self.train_dataset(0)[0]
+            share = self.config.batch_size // jax.process_count()
+            check_shared_memory(self.pipeline, example, "training", share)
+            if "train" in roles:
+                self._train_pool = _pool_footprint(self.pipeline, example, share)
+        eval_pool = (0, 0)
+        if self.eval:  # a training run evaluates center crops (evaluate.py's other modes check again)
+            center = _EvalExample(self.eval, np.zeros(0, np.int64), self.settings, "center",
+                                  _Positions(1, 0, 1))
+            eval_share = self.eval_batch_size // jax.process_count()
+            eval_pool = _pool_footprint(self.eval_pipeline, center.blank(0), eval_share)
+        pool_limits.check_file_descriptors(self._train_pool, eval_pool)
         self.normalization = self._normalization()
 
     def _normalization(self) -> Normalization:
-        grain = _grain()
         sample = normalization_sample(self.settings.seed, len(self.train))
-        dataset = grain.MapDataset.range(len(sample)).map(
-            _EvalExample(self.train, sample, self.settings, "center", _Positions(len(sample), 0, 1)))
-        batches = HostBatches(dataset, 64, self.pipeline)
-        try:
-            images = np.concatenate([batch["views"][batch["mask"]] for batch in batches])
-        finally:
-            batches.close()
-        if not len(images):
+        examples = _EvalExample(self.train, sample, self.settings, "center", _Positions(len(sample), 0, 1))
+        # Decoded by threads of this process (Pillow releases the GIL while it decodes and
+        # resizes): a worker pool's start would cost more than the sample's decoding.
+        with concurrent.futures.ThreadPoolExecutor(max(self.pipeline.workers, self.pipeline.read_threads, 1),
+                                                   thread_name_prefix="normalization-sample") as threads:
+            views = [example["views"] for example in threads.map(examples, range(len(sample)))
+                     if example["mask"]]
+        if not views:
             raise DataError(f"no readable image among {len(sample)} sampled from the training split")
-        mean, std = augment.normalization_stats(images, self.config.dataset.normalization)
+        mean, std = augment.normalization_stats(np.stack(views), self.config.dataset.normalization)
         put = lambda a: jax.make_array_from_process_local_data(self.parallel.replicated, a)  # noqa: E731
         return Normalization(put(mean), put(std))
 
@@ -720,7 +758,7 @@ class StreamedData:
         sizes = grain.MapDataset.range(first, min(first + block, n)).map(
             _RecordBucket(self.eval, self.settings.skip_unreadable))
         found = np.full(block, -1, np.int32)  # past the end: cut off below
-        host = HostBatches(sizes, 256, self.pipeline)
+        host = HostBatches(sizes, 256, self.eval_pipeline)
         try:
             for k, part in enumerate(host):
                 found[k * 256:k * 256 + len(part)] = part
@@ -755,19 +793,21 @@ class StreamedData:
         num_batches = -(-len(records) // batch_size)
         examples = _EvalExample(self.eval, records, self.settings, mode, self._positions(batch_size), buckets)
         dataset = grain.MapDataset.range(num_batches * share).map(examples)
-        if self.pipeline.workers:
+        if self.eval_pipeline.workers:
             # A padding example has the shape of a real one, without reading an image: the
             # largest is that of the widest canvas bucket (multi-scale), or any.
             firsts = [0] if buckets is None else np.unique(buckets, return_index=True)[1]
             largest = max((examples.blank(int(position)) for position in firsts), key=shared_memory_bytes,
                           default={})
-            check_shared_memory(self.pipeline, largest, f"{mode} evaluation", share)
+            check_shared_memory(self.eval_pipeline, largest, f"{mode} evaluation", share)
+            pool_limits.check_file_descriptors(self._train_pool,
+                                               _pool_footprint(self.eval_pipeline, largest, share))
         host, batches = None, None
 
         def one_pass() -> Iterator[StreamedBatch]:
             nonlocal host, batches
             if host is None:  # the examples repeat: a pass is the next num_batches batches
-                host = HostBatches(dataset.repeat(), share, self.pipeline, reuse=True)
+                host = HostBatches(dataset.repeat(), share, self.eval_pipeline, reuse=True)
             if batches is not None:
                 batches.close()
             batches = DeviceBatches(itertools.islice(host, num_batches), self.parallel,
