@@ -3,6 +3,19 @@ on the host, batched per host.
 
     python benchmarks/input_pipeline.py [--workers 1 2] [--batch 1024] [--batches 2]
                                         [--augment scale_crop_flip]
+    python benchmarks/input_pipeline.py --source=decoded [--workers 1] [--batch 512] [--batches 8]
+
+`--source=decoded`: the host-side ceiling of one training process. A source returns a ready
+224x224x3 uint8 image and a label (decoding costs nothing), taken through `HostBatches`
+with the given worker counts; the figure is the CPU time of this, the training, process
+(`time.process_time()`, all its threads, not the workers') per example over `--batches`
+batches after a warm-up of one batch per reused batch buffer (`HostBatches.RING`: the
+kernel zeroes a buffer's pages at its first use, a cost paid once per run): the part of
+the input path that more cores cannot spread. Its last line is a JSON object:
+`ceiling_images_per_sec` (1 / that time, for the last worker count),
+`trainer_cpu_us_per_example`, the worker count, batch and CPU flags.
+
+`--source=jpeg` (the default):
 
 Writes a folder of JPEGs of ImageNet's typical size (500x375, quality 90, smooth content
 like photographs rather than noise), then takes batches of `StreamedData.train_dataset`
@@ -22,6 +35,7 @@ between their processes: the tree's real footprint). Linux only.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -132,20 +146,86 @@ def measure(data_dir: Path, workers: int, batch: int, batches: int, augment: str
             seconds = time.perf_counter() - start
         finally:
             host.close()
-    return dict(rate=batches * batch / seconds, ahead=data.pipeline.examples_ahead, before=before,
+    return dict(rate=batches * batch / seconds, ahead=data.pipeline.examples_ahead(batch), before=before,
                 peak=memory.peak)
+
+
+class DecodedSource:
+    """`count` ready 224x224x3 uint8 images and labels: examples whose decoding costs nothing."""
+
+    def __init__(self, count: int = 64, size: int = 224):
+        rng = np.random.default_rng(0)
+        self.images = rng.integers(0, 256, (count, size, size, 3), np.uint8)
+
+    def __len__(self) -> int:
+        return 2**30
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index % len(self.images)], "label": np.int32(index % 1000),
+                "lighting": np.zeros(3, np.float32)}
+
+
+def measure_decoded(workers: int, batch: int, batches: int) -> dict:
+    import grain
+
+    from resnet_jax.data.stream import HostBatches, PipelineOptions
+
+    dataset = grain.MapDataset.range((batches + HostBatches.RING) * batch).map(DecodedSource().__getitem__)
+    host = HostBatches(dataset, batch, PipelineOptions(workers, read_threads=16, read_buffer=500,
+                                                       worker_buffer=4), reuse=True)
+    try:
+        for _ in range(HostBatches.RING):  # warm-up: start the workers, touch every batch buffer once
+            next(host)
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(batches):
+            next(host)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        host.close()
+    return dict(cpu_us=cpu / (batches * batch) * 1e6, wall_rate=batches * batch / wall)
+
+
+def cpu_flags() -> list[str]:
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(words & {"avx2", "avx512f"})
+
+
+def main_decoded(args) -> None:
+    print("| workers | trainer CPU per example | ceiling per training process | wall-clock images/s |")
+    print("|---|---|---|---|")
+    for workers in args.workers:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+            m = fresh.submit(measure_decoded, workers, args.batch, args.batches).result()
+        ceiling = 1e6 / m["cpu_us"]
+        print(f"| {workers} | {m['cpu_us']:.1f} us | {ceiling:.0f} images/s | {m['wall_rate']:.0f} |",
+              flush=True)
+    print(json.dumps(dict(ceiling_images_per_sec=round(1e6 / m["cpu_us"]),
+                          trainer_cpu_us_per_example=round(m["cpu_us"], 2), workers=workers,
+                          batch=args.batch, batches=args.batches, image="224x224x3 uint8",
+                          cpu=platform.processor() or platform.machine(), cpu_flags=cpu_flags())))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="jpeg", choices=("jpeg", "decoded"),
+                        help="jpeg: decode and augment generated JPEGs; decoded: ready 224x224 arrays")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="worker processes (0: decode in this process, by threads)")
-    parser.add_argument("--batch", type=int, default=1024, help="examples a batch")
-    parser.add_argument("--batches", type=int, default=2, help="timed batches per worker count")
+    parser.add_argument("--batch", type=int, default=None, help="examples a batch (jpeg: 1024, decoded: 512)")
+    parser.add_argument("--batches", type=int, default=None, help="timed batches per worker count "
+                        "(jpeg: 2, decoded: 8)")
     parser.add_argument("--augment", default="scale_crop_flip",
                         choices=("scale_crop_flip", "random_resized_crop"))
     args = parser.parse_args()
+    decoded = args.source == "decoded"
+    args.batch = args.batch or (512 if decoded else 1024)
+    args.batches = args.batches or (8 if decoded else 2)
+    if decoded:
+        return main_decoded(args)
     import grain
     import jax
     import PIL

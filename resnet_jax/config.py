@@ -124,12 +124,14 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
             # An unreadable image: an error naming it (False), or skipped and counted (True).
             skip_unreadable=False,
             # Decoding processes per host (-1: the CPUs this process may use, divided among
-            # the training processes on the host; 0: in the main process) and batches kept
-            # in flight on the devices. Each decoding process reads with `read_threads`
-            # threads, up to `read_buffer_size` examples ahead, and queues up to
-            # `worker_buffer_size` decoded examples (not batches) for the main process:
-            # examples decoded ahead stay within workers x (read_buffer_size + 2 x
-            # worker_buffer_size + 2) (`stream.PipelineOptions.examples_ahead`).
+            # the training processes on the host; 0: in the main process) and batches
+            # transferred ahead to the devices by a background thread. Workers stack examples
+            # into pieces of up to 32 (`stream.PIECE`); each reads with `read_threads`
+            # threads, up to `read_buffer_size` pieces ahead, and queues up to
+            # `worker_buffer_size` pieces for the main process (its shared-memory ring has
+            # 2 x worker_buffer_size + 2 slots): pieces decoded ahead stay within workers x
+            # (read_buffer_size + 2 x worker_buffer_size + 2), held in bytes with the two
+            # reused batch buffers by `stream.PipelineOptions.host_bytes`.
             num_workers=Logistics(-1), prefetch_batches=Logistics(2), read_threads=Logistics(2),
             read_buffer_size=Logistics(4), worker_buffer_size=Logistics(4),
             # A training run's evaluation pool: at most this many decoding processes (and

@@ -98,8 +98,8 @@ def test_a_run_evaluates_through_one_eval_pipeline_and_closes_every_pipeline(
     pipelines = []
 
     class Recorded(stream.HostBatches):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             self.closed = False
             pipelines.append(self)
 

@@ -282,7 +282,7 @@ def test_a_file_descriptor_limit_too_low_for_the_pools_is_refused_before_compili
     flags = ["--config.dataset.image_size=38", "--config.dataset.scale_range=40,44",
              "--config.dataset.eval_resize=40", "--config.dataset.eval_workers=2",
              "--config.num_train_steps=4", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
-    # PipelineOptions.examples_in_shared_memory: 2 workers, buffers of 4, 50 pending unlinks.
+    # PipelineOptions.pieces_in_shared_memory: 2 workers, buffers of 4, 50 pending unlinks.
     blocks_per_pool = 2 * (2 * 4 + 2) + 50
     need = pool_limits.FIXED_FDS + pool_limits.FDS_PER_WORKER * 4 + 2 * blocks_per_pool
 

@@ -202,6 +202,18 @@ def test_worker_processes_give_the_same_batches_as_the_main_process(folder):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_held_on_the_devices_stay_intact_while_the_host_buffers_are_reused(folder, workers):
+    data = stream.StreamedData(small_config(folder, num_workers=workers), data_parallel(), ("train",))
+    examples = data.train_dataset(0)
+    with data.train_batches(0) as batches:
+        held = [next(batches).batch for _ in range(12)]  # the ring of 2 buffers comes round 6 times
+    for step, batch in enumerate(held):
+        expected = [examples[step * 4 + k] for k in range(4)]
+        for key in ("image", "label", "lighting"):
+            np.testing.assert_array_equal(np.asarray(batch[key]), np.stack([e[key] for e in expected]))
+
+
 class CountingSource:
     """An image source that appends a byte to the file `log` for each image it decodes, in
     whichever process decodes it."""
@@ -227,8 +239,11 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
     log.touch()
     data.train = CountingSource(data.train, log)
     options = stream.PipelineOptions(workers=workers, read_threads=2, read_buffer=3, worker_buffer=2)
-    assert options.examples_ahead == (3 if workers == 0 else 2 * (3 + 2 * 2 + 2))
-    host = stream.HostBatches(data.train_dataset(0), 4, options)
+    # Batches of 4 travel as pieces of 4 (the largest divisor up to stream.PIECE).
+    assert options.examples_ahead(4) == 4 * (3 if workers == 0 else 2 * (3 + 2 * 2 + 2))
+    example_bytes = 16 * 16 * 3 + 4 + 3 * 4
+    assert options.host_bytes(example_bytes, 4) == (options.examples_ahead(4) + 2 * 4) * example_bytes
+    host = stream.HostBatches(data.train_dataset(0), 4, options, reuse=True)
     ahead = []
     try:
         for received in range(1, 9):
@@ -237,7 +252,7 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
             ahead.append(log.stat().st_size - 4 * received)
     finally:
         host.close()
-    assert 0 < max(ahead) <= options.examples_ahead, ahead
+    assert 0 < max(ahead) <= options.examples_ahead(4), ahead
 
 
 def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
@@ -253,30 +268,35 @@ def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
 def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_remedies(folder, monkeypatch):
     sizes = dict(num_workers=2, image_size=38, scale_range=(40, 44), eval_resize=40)
     options = stream.PipelineOptions.of(small_config(folder, **sizes))
-    assert options.examples_in_shared_memory == 2 * (2 * 4 + 2) + 50  # the defaults' worker buffers of 4
-    # A 38x38 crop (4,332 bytes) takes two pages; the lighting offset travels pickled.
-    need = options.examples_in_shared_memory * 2 * 4096
+    assert options.pieces_in_shared_memory == 2 * (2 * 4 + 2) + 50  # the defaults' worker buffers of 4
+    # small_config's batch of 4 travels in pieces of 4: 4 38x38 crops (17,328 bytes) take
+    # five pages; the lighting offsets (48 bytes) travel pickled.
+    assert options.piece_of(4) == 4
+    need = options.pieces_in_shared_memory * 5 * 4096
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need // 2)
-    with pytest.raises(DataError, match=r"/dev/shm has 0.3 MiB free, but the training pipeline needs up to "
-                                        r"0.5 MiB there: 70 examples in flight .* of 8192 bytes.*--shm-size"):
+    refused = (r"/dev/shm has 0.7 MiB free, but the training pipeline needs up to 1.4 MiB there: "
+               r"70 pieces of 4 examples in flight .* of 20480 bytes.*--shm-size")
+    with pytest.raises(DataError, match=refused):
         stream.StreamedData(small_config(folder, **sizes), data_parallel(), ("train",))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
     example = {"image": np.zeros((38, 38, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
-    stream.check_shared_memory(options, example, "x")
+    stream.check_shared_memory(options, example, "x", 4)
     in_process = stream.PipelineOptions.of(small_config(folder, num_workers=0))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: 0)
-    stream.check_shared_memory(in_process, example, "x")  # no workers: no shared memory
+    stream.check_shared_memory(in_process, example, "x", 4)  # no workers: no shared memory
 
 
 def test_an_evaluation_whose_views_do_not_fit_in_shared_memory_is_refused_before_its_workers_start(
         folder, monkeypatch):
     data = stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train", "eval"))
-    # Ten 16x16 crops (7,680 bytes) take two pages, as do the two 24x32 canvases of a
-    # multi-scale example (4,608 bytes; its 16x22 ones travel pickled); one 16x16 crop
-    # travels pickled.
-    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 70 * 8192 - 1)
+    # The eval batch of 4 travels in pieces of 4. Four sets of ten 16x16 crops (30,720 bytes)
+    # take eight pages; so do a multi-scale piece's four pairs of 24x32 canvases (18,432
+    # bytes, five pages) and of 16x22 ones (8,448 bytes, three pages). Four 16x16 crops
+    # (3,072 bytes) travel pickled: center evaluation needs no shared memory.
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 70 * 8 * 4096 - 1)
     for mode in ("ten_crop", "multi_scale"):
-        refused = rf"{mode} evaluation pipeline needs up to 0.5 MiB .* of 8192 bytes"
+        refused = (rf"/dev/shm has 2.2 MiB free, but the {mode} evaluation pipeline needs up to 2.2 MiB "
+                   rf"there: 70 pieces of 4 examples .* of 32768 bytes")
         with pytest.raises(DataError, match=refused), data.eval_passes(mode):
             pass
     with data.eval_passes("center"):
@@ -319,7 +339,8 @@ def eval_pass_arrays(one_pass, keys=("views", "label", "mask")):
 def test_one_small_worker_pool_serves_every_evaluation_each_pass_the_whole_set_and_closes(folder,
                                                                                         monkeypatch):
     opened = []
-    monkeypatch.setattr(stream, "HostBatches", lambda *args: opened.append(args) or HostBatches(*args))
+    monkeypatch.setattr(stream, "HostBatches",
+                        lambda *args, **kwargs: opened.append(args) or HostBatches(*args, **kwargs))
     config = small_config(folder, num_workers=3, eval_workers=2)
     assert stream.StreamedData(config, data_parallel(), ("eval",)).eval_pipeline.workers == 3  # evaluate.py's
     data = stream.StreamedData(config, data_parallel(), ("train", "eval"))

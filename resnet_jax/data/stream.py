@@ -2,10 +2,12 @@
 
 Grain (`pip install -e '.[stream]'`, imported only here) maps positions to single
 examples: decode with Pillow and augment with numpy (`data/augment.py`) in worker
-processes (`PipelineOptions`); this process batches them as they arrive (`HostBatches`),
-so buffers hold examples, never batches, and at most `PipelineOptions.examples_ahead` are
-decoded ahead of the consumer. Each process turns its part of every batch into the global
-array with the mesh's batch sharding; a few batches wait on the devices ahead of the step.
+processes (`PipelineOptions`), which stack them into pieces (`PIECE`) and hand these over
+through shared-memory rings (`data/piece_rings.py`); this process copies the pieces into
+batch buffers reused from step to step (`HostBatches`), and at most
+`PipelineOptions.examples_ahead` examples are decoded ahead of the consumer. A background
+thread turns this process's part of every batch into the global array with the mesh's
+batch sharding, a few batches ahead of the step (`DeviceBatches`).
 
 Everything is index-based, so training batch `s` is a pure function of (seed, s):
 - global position g = s * batch_size + k is example k of batch s; epoch g // N uses the
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax.data import augment, input_workers, pool_limits
+from resnet_jax.data import augment, input_workers, piece_rings, pool_limits
 from resnet_jax.data.image_records import open_split
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import Parallel, eval_batch_size_for, gather_from_processes
@@ -346,13 +348,23 @@ class _RecordBucket:
 _LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                          "SLURM_NTASKS_PER_NODE")
 
-# Grain unlinks the shared memory of an example the consumer is done with on a background
+# Grain unlinks the shared memory of a piece the consumer is done with on a background
 # thread, with up to this many unlinks pending (`SharedMemoryArray.enable_async_del`'s
-# default): blocks already copied into a batch that may still occupy /dev/shm.
+# default): blocks already joined into a batch that may still occupy /dev/shm.
 _PENDING_SHM_UNLINKS = 50
-# A shared-memory block takes whole pages and a file: arrays smaller than a page (labels,
-# lighting offsets, multi-scale sizes) travel pickled instead (Grain's `min_shm_size`).
+# A shared-memory block takes whole pages and a file: arrays smaller than a page (a
+# piece's labels and lighting offsets) travel pickled instead (Grain's `min_shm_size`).
 _PAGE = 4096
+# Examples a worker stacks into one piece, the unit that crosses to the training process.
+# Each crossing costs the training process a token's unpickling, a queue hand-over and the
+# Python of joining, the same whatever the piece's size: over 32 examples it is a small
+# part of the cost of copying their pixels, where over 8 it is about half as much again
+# (benchmarks/RESULTS.md, the host-side ceiling, by piece size). Larger pieces gain little
+# more and multiply the shared memory of each worker's ring (a 224x224 piece is 4.8 MB,
+# a ring holds 2 x worker_buffer_size + 2). A piece is the
+# largest divisor of the batch up to this, so that no piece straddles two batches (a multi-
+# scale evaluation batch holds one canvas size, the next one may hold another).
+PIECE = 32
 
 
 def auto_workers() -> int:
@@ -375,14 +387,16 @@ def auto_workers() -> int:
 @dataclasses.dataclass(frozen=True)
 class PipelineOptions:
     """How one host decodes examples: in `workers` processes (0: in this one), each reading
-    with `read_threads` threads and up to `read_buffer` examples submitted ahead, and
-    passing finished examples to this process through queues of `worker_buffer` (Grain's
-    `ReadOptions` and `MultiprocessingOptions`; the `dataset.` keys of the same names)."""
+    with `read_threads` threads and up to `read_buffer` pieces of `piece` examples
+    submitted ahead, and passing finished pieces to this process through queues of
+    `worker_buffer` pieces (Grain's `ReadOptions` and `MultiprocessingOptions`; the
+    `dataset.` keys of the same names)."""
 
     workers: int
     read_threads: int
     read_buffer: int
     worker_buffer: int
+    piece: int = PIECE
 
     @classmethod
     def of(cls, config: ml_collections.ConfigDict) -> PipelineOptions:
@@ -391,38 +405,57 @@ class PipelineOptions:
         return cls(workers, d.read_threads, d.read_buffer_size, d.worker_buffer_size)
 
     @property
-    def examples_in_shared_memory(self) -> int:
-        """Most examples in /dev/shm at once: per worker, one being queued, `worker_buffer`
+    def ring_slots(self) -> int:
+        """Slots of each worker's ring (`piece_rings`): the pieces it may have handed over
+        and this process not yet consumed, in its queue and this process's buffer for it
+        and one on its way each side; a worker with a full ring waits."""
+        return 2 * self.worker_buffer + 2
+
+    def piece_of(self, batch_size: int) -> int:
+        """Examples per piece for batches of `batch_size`: the largest divisor of it up to
+        `piece`, so that each piece lies within one batch."""
+        return max(d for d in range(1, min(self.piece, batch_size) + 1) if batch_size % d == 0)
+
+    @property
+    def pieces_in_shared_memory(self) -> int:
+        """Most pieces in /dev/shm at once: per worker, one being queued, `worker_buffer`
         in its queue, `worker_buffer` in this process's buffer for it and one on its way
         there; and the consumed ones whose unlinking is pending. 0 without workers."""
         return self.workers * (2 * self.worker_buffer + 2) + _PENDING_SHM_UNLINKS if self.workers else 0
 
-    @property
-    def examples_ahead(self) -> int:
+    def examples_ahead(self, batch_size: int) -> int:
         """Most examples decoded (or being decoded) that the consumer has not yet received
-        in a batch, whenever it is not inside `next()`: the read buffer of this process
-        (0 workers), or each worker's read buffer plus what it has in flight towards this
-        process (`examples_in_shared_memory` less the pending unlinks). The batch being
-        assembled exists only inside `next()`, so host memory for examples is this many
-        times an example's size, plus the batch."""
+        in a batch, whenever it is not inside `next()`: pieces of `piece_of(batch_size)`,
+        the read buffer of this process (0 workers) or each worker's read buffer plus what
+        it has in flight towards this process (`pieces_in_shared_memory` less the pending
+        unlinks)."""
         if not self.workers:
-            return self.read_buffer
-        return self.workers * (self.read_buffer + 2 * self.worker_buffer + 2)
+            return self.read_buffer * self.piece_of(batch_size)
+        pieces = self.workers * (self.read_buffer + 2 * self.worker_buffer + 2)
+        return pieces * self.piece_of(batch_size)
+
+    def host_bytes(self, example_bytes: int, batch_size: int) -> int:
+        """The bound on this process's host memory for the pipeline's examples, in bytes:
+        the examples ahead (`examples_ahead`) and the `HostBatches.RING` batch buffers,
+        each example `example_bytes`; the workers' own footprint comes on top."""
+        return (self.examples_ahead(batch_size) + HostBatches.RING * batch_size) * example_bytes
 
 
-def shared_memory_bytes(example: Any) -> int:
-    """The /dev/shm an example takes between processes: each numpy array of a page or more
-    its own block of whole pages."""
-    return sum(-(-leaf.nbytes // _PAGE) * _PAGE for leaf in jax.tree_util.tree_leaves(example)
-               if isinstance(leaf, np.ndarray) and leaf.nbytes >= _PAGE)
+def shared_memory_bytes(example: Any, piece: int = 1) -> int:
+    """The /dev/shm a piece of `piece` examples like `example` takes between processes:
+    each stacked numpy array of a page or more its own block of whole pages."""
+    sizes = [piece * np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(example)]
+    return sum(-(-size // _PAGE) * _PAGE for size in sizes if size >= _PAGE)
 
 
-def _pool_footprint(options: PipelineOptions, example: Any) -> tuple[int, int]:
+def _pool_footprint(options: PipelineOptions, example: Any, batch_size: int) -> tuple[int, int]:
     """(workers, most shared-memory blocks in flight) of a pool passing examples like
-    `example`, for `pool_limits.check_file_descriptors`."""
-    leaves = jax.tree_util.tree_leaves(example)
-    blocks = sum(isinstance(leaf, np.ndarray) and leaf.nbytes >= _PAGE for leaf in leaves)
-    return options.workers, options.examples_in_shared_memory * blocks
+    `example` in batches of `batch_size`, for `pool_limits.check_file_descriptors`: each
+    array of a piece of a page or more counted as a block of its own (an over-count: most
+    pieces cross in the workers' rings, one block each)."""
+    piece = options.piece_of(batch_size)
+    blocks = sum(piece * np.asarray(leaf).nbytes >= _PAGE for leaf in jax.tree_util.tree_leaves(example))
+    return options.workers, options.pieces_in_shared_memory * blocks
 
 
 def _free_shared_memory(path: str = "/dev/shm") -> int | None:
@@ -431,19 +464,21 @@ def _free_shared_memory(path: str = "/dev/shm") -> int | None:
     return shutil.disk_usage(path).free if os.path.isdir(path) else None
 
 
-def check_shared_memory(options: PipelineOptions, example: Any, what: str) -> None:
-    """Refuses, naming the sizes and the ways out, a pipeline whose examples in flight
+def check_shared_memory(options: PipelineOptions, example: Any, what: str, batch_size: int) -> None:
+    """Refuses, naming the sizes and the ways out, a pipeline whose pieces in flight
     between worker processes would not fit in the free /dev/shm."""
-    need = options.examples_in_shared_memory * shared_memory_bytes(example)
+    piece = options.piece_of(batch_size)
+    need = options.pieces_in_shared_memory * shared_memory_bytes(example, piece)
     free = _free_shared_memory()
     if free is None or need <= free:
         return
     mib = 2**20
     raise DataError(
         f"/dev/shm has {free / mib:.1f} MiB free, but the {what} pipeline needs up to {need / mib:.1f} MiB "
-        f"there: {options.examples_in_shared_memory} examples in flight between its {options.workers} worker "
-        f"processes and this one (workers x (2 x dataset.worker_buffer_size + 2) + {_PENDING_SHM_UNLINKS}) "
-        f"of {shared_memory_bytes(example)} bytes. Give the container more shared memory (docker run "
+        f"there: {options.pieces_in_shared_memory} pieces of {piece} examples in flight between its "
+        f"{options.workers} worker processes and this one (workers x (2 x dataset.worker_buffer_size + 2) + "
+        f"{_PENDING_SHM_UNLINKS}) of {shared_memory_bytes(example, piece)} bytes. Give the container more "
+        f"shared memory (docker run "
         f"--shm-size=1g, Kubernetes: an emptyDir with medium Memory on /dev/shm), or lower "
         f"dataset.num_workers or dataset.worker_buffer_size."
     )
@@ -455,16 +490,26 @@ class HostBatches:
     stops the workers. The workers ignore SIGTERM and SIGINT, which reach every process of
     the group: this process decides what they mean (`input_workers`).
 
-    Workers hand over single examples, and each is copied into its batch here as it
-    arrives: a worker's buffer holds examples, never batches, and shared memory holds only
-    the examples in flight (`PipelineOptions.examples_in_shared_memory`). The examples come
-    in the dataset's order for any number of workers (Grain interleaves the workers' slices
-    round-robin). `check_shared_memory` first, where workers pass examples of a new size."""
+    Workers stack examples into pieces (`PipelineOptions.piece_of`), each crossing to this
+    process in one hand-over, and this process only copies the pieces into batch buffers.
+    With `reuse` the buffers are a ring of `RING`, allocated once: batch k is overwritten
+    by batch k + RING, so its user must be done with it by then (`DeviceBatches`); without,
+    each batch is fresh. The examples come in the dataset's order for any number of
+    workers (Grain interleaves the workers' slices round-robin). `check_shared_memory`
+    first, where workers pass examples of a new size."""
 
-    def __init__(self, dataset, batch_size: int, options: PipelineOptions):
+    # One buffer being filled while the previous batch's transfer to the devices completes.
+    RING = 2
+
+    def __init__(self, dataset, batch_size: int, options: PipelineOptions, reuse: bool = False):
         grain = _grain()
-        self.batch_size = batch_size
-        iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        self.batch_size, self.reuse = batch_size, reuse
+        pieces = dataset.batch(options.piece_of(batch_size))
+        self._rings = piece_rings.RingReader(options.workers) if options.workers else None
+        if options.workers:
+            pieces = pieces.map_with_index(
+                piece_rings.RingWriter(self._rings.prefix, options.workers, options.ring_slots))
+        iter_dataset = pieces.to_iter_dataset(grain.ReadOptions(
             num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer))
         if options.workers:
             from absl import flags
@@ -478,55 +523,139 @@ class HostBatches:
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=options.workers, per_worker_buffer_size=options.worker_buffer),
                 worker_init_fn=input_workers.init_input_worker)
-        self._examples = iter(iter_dataset)
+        self._pieces = iter(iter_dataset)
         self._workers_started = not options.workers
+        self._ring, self._turn = [], 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def _buffer(self, leaves) -> list[np.ndarray]:
+        shapes = [(self.batch_size, *np.shape(leaf)[1:]) for leaf in leaves]
+        if not self.reuse:
+            return [np.empty(shape, leaf.dtype) for shape, leaf in zip(shapes, leaves, strict=True)]
+        slot = self._turn % self.RING
+        self._turn += 1
+        if len(self._ring) <= slot or [b.shape for b in self._ring[slot]] != shapes:  # a new shape
+            self._ring[slot:slot + 1] = [[np.empty(shape, leaf.dtype) for shape, leaf in
+                                          zip(shapes, leaves, strict=True)]]
+        return self._ring[slot]
+
+    def __next__(self):
+        batch, treedef, filled = None, None, 0
+        while filled < self.batch_size:  # pieces divide the batch (the dataset's last may be short)
+            try:
+                piece = self._next_piece()
+            except StopIteration:
+                if batch is None:
+                    raise
+                return jax.tree_util.tree_unflatten(treedef, [leaf[:filled] for leaf in batch])
+            if self._rings is None:
+                (leaves, treedef), done = jax.tree_util.tree_flatten(piece), None
+            else:
+                leaves, treedef, done = self._rings.leaves(piece)
+            if batch is None:
+                batch = self._buffer(leaves)
+            size = len(leaves[0])
+            for column, leaf in zip(batch, leaves, strict=True):
+                column[filled:filled + size] = leaf
+            del leaves
+            if done is not None:
+                done()  # its slot may be written again
+            filled += size
+        return jax.tree_util.tree_unflatten(treedef, batch)
+
+    def _next_piece(self):
+        if self._workers_started:
+            return next(self._pieces)
+        # Grain starts the workers at the first request, from threads started by this one.
+        with input_workers.stop_signals_held():
+            self._workers_started = True
+            return next(self._pieces)
+
+    def close(self) -> None:
+        if self._rings is not None:
+            self._rings.stop()  # no worker waits for a slot while being stopped
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+        if self._rings is not None:
+            self._rings.close()
+
+
+class DeviceBatches:
+    """Each process's share of the batches of `host_batches` (a `HostBatches` with `reuse`)
+    -> global arrays split over the `data` axis, transferred on a background thread up to
+    `prefetch` batches ahead of the one being used (and one more in transfer), so the
+    training thread only takes finished arrays. The thread waits for batch k's transfer
+    before it fills batch k + RING's buffer, the same one. An error of the pipeline is
+    raised here, at the batch it stopped; `close()` stops the thread (not the workers)."""
+
+    _END = object()
+
+    def __init__(self, host_batches, parallel: Parallel, prefetch: int):
+        import queue
+        import threading
+
+        self._host, self._parallel = host_batches, parallel
+        self._ready = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._transfer, name="host-to-device", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _transfer(self) -> None:
+        # A CPU device may keep a numpy array's own memory as its buffer (no copy), so an
+        # array made from a ring buffer would change when the ring comes round: there the
+        # array gets a copy of its own. An accelerator's transfer copies, and is done
+        # reading the buffer once the array is ready.
+        aliases = any(device.platform == "cpu" for device in self._parallel.batch.device_set)
+        own = np.copy if aliases else (lambda x: x)
+        put = lambda x: jax.make_array_from_process_local_data(self._parallel.batch, own(x))  # noqa: E731
+        previous = None
+        try:
+            for batch in self._host:  # fills the buffer batch k - RING was transferred from
+                arrays = jax.tree_util.tree_map(put, batch)
+                if previous is not None:
+                    jax.block_until_ready(previous)
+                    if not self._put(previous):
+                        return
+                previous = arrays
+                if self._stop.is_set():
+                    return
+            if previous is not None:
+                jax.block_until_ready(previous)
+                if not self._put(previous):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # noqa: BLE001 - raised in the consumer's thread
+            self._put(error)
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self):
-        batch, treedef = None, None
-        for k in range(self.batch_size):
-            try:
-                example = self._next_example()
-            except StopIteration:
-                if batch is None:
-                    raise
-                return jax.tree_util.tree_unflatten(treedef, [leaf[:k] for leaf in batch])
-            leaves, treedef = jax.tree_util.tree_flatten(example)
-            if batch is None:
-                batch = [np.empty((self.batch_size, *np.shape(leaf)), np.asarray(leaf).dtype)
-                         for leaf in leaves]
-            for column, leaf in zip(batch, leaves, strict=True):
-                column[k] = leaf
-        return jax.tree_util.tree_unflatten(treedef, batch)
-
-    def _next_example(self):
-        if self._workers_started:
-            return next(self._examples)
-        # Grain starts the workers at the first request, from threads started by this one.
-        with input_workers.stop_signals_held():
-            self._workers_started = True
-            return next(self._examples)
+        item = self._ready.get()
+        if item is self._END:
+            self._ready.put(item)  # stays ended
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def close(self) -> None:
-        close = getattr(self._examples, "close", None)
-        if close is not None:
-            close()
-
-
-def _on_devices(host_batches, parallel: Parallel, prefetch: int) -> Iterator[Any]:
-    """Each process's share of a batch -> global arrays split over the `data` axis; up to
-    `prefetch` batches are transferred ahead of the one being used."""
-    waiting = collections.deque()
-    for batch in host_batches:
-        waiting.append(jax.tree_util.tree_map(
-            lambda x: jax.make_array_from_process_local_data(parallel.batch, np.asarray(x)), batch
-        ))
-        if len(waiting) > prefetch:
-            yield waiting.popleft()
-    while waiting:
-        yield waiting.popleft()
+        self._stop.set()
+        self._thread.join()
 
 
 class StreamedData:
@@ -555,14 +684,16 @@ class StreamedData:
         self._train_pool = (0, 0)  # (workers, most shared-memory blocks in flight)
         if self.pipeline.workers and self.config.num_train_steps:  # decodes one example, here
             example = self.train_dataset(0)[0]
-            check_shared_memory(self.pipeline, example, "training")
+            share = self.config.batch_size // jax.process_count()
+            check_shared_memory(self.pipeline, example, "training", share)
             if "train" in roles:
-                self._train_pool = _pool_footprint(self.pipeline, example)
+                self._train_pool = _pool_footprint(self.pipeline, example, share)
         eval_pool = (0, 0)
         if self.eval:  # a training run evaluates center crops (evaluate.py's other modes check again)
             center = _EvalExample(self.eval, np.zeros(0, np.int64), self.settings, "center",
                                   _Positions(1, 0, 1))
-            eval_pool = _pool_footprint(self.eval_pipeline, center.blank(0))
+            eval_share = self.eval_batch_size // jax.process_count()
+            eval_pool = _pool_footprint(self.eval_pipeline, center.blank(0), eval_share)
         pool_limits.check_file_descriptors(self._train_pool, eval_pool)
         self.normalization = self._normalization()
 
@@ -593,11 +724,12 @@ class StreamedData:
     @contextlib.contextmanager
     def _batches(self, dataset, batch_size: int) -> Iterator[Iterator[StreamedBatch]]:
         """`dataset`'s examples in batches of this process's share of `batch_size`, on the devices."""
-        host = HostBatches(dataset, batch_size // jax.process_count(), self.pipeline)
+        host = HostBatches(dataset, batch_size // jax.process_count(), self.pipeline, reuse=True)
+        batches = DeviceBatches(host, self.parallel, self.config.dataset.prefetch_batches)
         try:
-            batches = _on_devices(host, self.parallel, self.config.dataset.prefetch_batches)
             yield (StreamedBatch(batch, self.normalization) for batch in batches)
         finally:
+            batches.close()
             host.close()
 
     def train_dataset(self, start_step: int):
@@ -667,20 +799,25 @@ class StreamedData:
             firsts = [0] if buckets is None else np.unique(buckets, return_index=True)[1]
             largest = max((examples.blank(int(position)) for position in firsts), key=shared_memory_bytes,
                           default={})
-            check_shared_memory(self.eval_pipeline, largest, f"{mode} evaluation")
-            pool_limits.check_file_descriptors(self._train_pool, _pool_footprint(self.eval_pipeline, largest))
-        host = None
+            check_shared_memory(self.eval_pipeline, largest, f"{mode} evaluation", share)
+            pool_limits.check_file_descriptors(self._train_pool,
+                                               _pool_footprint(self.eval_pipeline, largest, share))
+        host, batches = None, None
 
         def one_pass() -> Iterator[StreamedBatch]:
-            nonlocal host
+            nonlocal host, batches
             if host is None:  # the examples repeat: a pass is the next num_batches batches
-                host = HostBatches(dataset.repeat(), share, self.eval_pipeline)
-            batches = _on_devices(itertools.islice(host, num_batches), self.parallel,
-                                  self.config.dataset.prefetch_batches)
+                host = HostBatches(dataset.repeat(), share, self.eval_pipeline, reuse=True)
+            if batches is not None:
+                batches.close()
+            batches = DeviceBatches(itertools.islice(host, num_batches), self.parallel,
+                                    self.config.dataset.prefetch_batches)
             return (StreamedBatch(batch, self.normalization) for batch in batches)
 
         try:
             yield one_pass
         finally:
+            if batches is not None:
+                batches.close()
             if host is not None:
                 host.close()
