@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 import traceback
+import types
 from collections import Counter
 
 import jax
@@ -168,20 +169,30 @@ def guarded_training(config, workdir: str) -> dict:
     def open_counted_inputs(*args, **kwargs):
         inputs = open_inputs(*args, **kwargs)
         make_step = inputs.train_step
-
-        def counted_step(model):
-            step_fn = make_step(model)
-
-            def call(*args, **kwargs):
-                out = step_fn(*args, **kwargs)
-                record["dispatched_steps"] += config.steps_per_dispatch
-                return out
-            return call
-        inputs.train_step = counted_step
+        inputs.train_step = lambda model: CountedStep(make_step(model))
         return inputs
 
+    class CountedStep:
+        """The training step, jitted or compiled ahead (`train.compile_ahead` lowers and
+        compiles it), each call counted as `steps_per_dispatch` steps dispatched."""
+
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, *args, **kwargs):
+            out = self.step(*args, **kwargs)
+            record["dispatched_steps"] += config.steps_per_dispatch
+            return out
+
+        def lower(self, *args, **kwargs):
+            lowered = self.step.lower(*args, **kwargs)
+            return types.SimpleNamespace(compile=lambda: CountedStep(lowered.compile()))
+
     def recorded_wait(x):
-        record["waits_after_step"].append(record["dispatched_steps"])
+        # The training thread's waits: the input pipeline's transfer thread waits for each
+        # batch's transfer (`stream.DeviceBatches`), which holds up no step.
+        if threading.current_thread() is threading.main_thread():
+            record["waits_after_step"].append(record["dispatched_steps"])
         return block_until_ready(x)
 
     array_type._value = property(counted_read)
