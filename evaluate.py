@@ -42,7 +42,7 @@ def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py (a local folder or gs://...)")
     p.add_argument("--step", default="latest", help="latest (default), best (lowest eval error), or a number")
     p.add_argument("--split", default=None, choices=sorted(set(SPLITS + STREAM_SPLITS)),

@@ -32,7 +32,7 @@ def main(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--config", required=True, help="a config file defining get_config(), and after ':' its argument, "
         "e.g. configs/cifar10_resnet20.py or configs/cifar.py:resnet110,cifar10"

@@ -28,6 +28,14 @@ USER_ERRORS = (ConfigError, DataError, WorkdirError, TrainingDiverged)
 OVERRIDE_PREFIX = "--config."
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusal of a flag is one paragraph, like every other user
+    error here (argparse's own prints its usage block first, a screenful for train.py)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists the flags\n")
+
+
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Separate `--config.KEY=VALUE` overrides (ml_collections style) from other flags."""
     rest, overrides = [], []

@@ -546,7 +546,7 @@ def closing_lines(config: ml_collections.ConfigDict, workdir: epath.Path,
         f"{config.dataset.eval_split} error {result['eval_error']:.2%} after "
         f"{config.num_train_steps:,} steps (top-5 {result['eval_top5_error']:.2%}, "
         f"loss {result['eval_loss']:.4f})",
-        f"the run:  {workdir} (config.json, metrics.jsonl, checkpoints/)",
+        f"the run:  {workdir} (config.json, metrics.jsonl, checkpoints/, checkpoint_checksums/)",
         f"evaluate: {python} evaluate.py --workdir={workdir} [--step=best]",
         "resume:   rerun the same command: it continues from the newest checkpoint (a finished run is "
         "reported as here, not trained again)",

@@ -683,6 +683,22 @@ def test_bad_input_is_refused_before_anything_is_written(flags, word, data_dir, 
     assert not workdir.exists()
 
 
+def test_a_bad_flag_is_one_line_naming_it_and_the_help(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    commands = {
+        "train.py": [*train_command(data_dir, workdir), "--bogus_flag=1"],
+        "evaluate.py": [sys.executable, "evaluate.py", f"--workdir={workdir}", "--mode=tencrop"],
+    }
+    named = {"train.py": "unrecognized arguments: --bogus_flag=1",
+             "evaluate.py": "argument --mode: invalid choice: 'tencrop' (choose from 'center', 'ten_crop'"}
+    for script, command in commands.items():
+        out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.startswith(f"error: {named[script]}"), out.stderr
+        assert out.stderr.strip().endswith(f"`{script} --help` lists the flags"), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not workdir.exists()
+
+
 @pytest.mark.parametrize("below", [False, True])
 def test_a_workdir_that_is_or_lies_below_a_file_is_refused_in_one_paragraph(below, data_dir, tmp_path):
     afile = tmp_path / "notes.txt"

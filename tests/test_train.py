@@ -218,7 +218,7 @@ def test_a_finished_run_ends_with_its_error_and_how_to_evaluate_resume_and_plot_
     closing = capsys.readouterr().out.splitlines()[-5:]
     assert closing[0] == (f"test error {result['eval_error']:.2%} after 8 steps "
                           f"(top-5 {result['eval_top5_error']:.2%}, loss {result['eval_loss']:.4f})")
-    assert closing[1] == "the run:  runs/r8 (config.json, metrics.jsonl, checkpoints/)"
+    assert closing[1] == "the run:  runs/r8 (config.json, metrics.jsonl, checkpoints/, checkpoint_checksums/)"
     python = sys.executable  # not below tmp_path: in full
     assert closing[2] == f"evaluate: {python} evaluate.py --workdir=runs/r8 [--step=best]"
     assert closing[3].startswith("resume:   rerun the same command")

@@ -79,7 +79,7 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m resnet_jax.experiments", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="--config.KEY=VALUE overrides any key of every run's config, as train.py's do.",
