@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +236,7 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
     config = small_config(folder)
     config.num_train_steps = 40
     data = stream.StreamedData(config, data_parallel(), ("train",))
+    example = data.train_dataset(0)[0]
     log = tmp_path / "decoded"
     log.touch()
     data.train = CountingSource(data.train, log)
@@ -242,7 +244,11 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
     # Batches of 4 travel as pieces of 4 (the largest divisor up to stream.PIECE).
     assert options.examples_ahead(4) == 4 * (3 if workers == 0 else 2 * (3 + 2 * 2 + 2))
     example_bytes = 16 * 16 * 3 + 4 + 3 * 4
-    assert options.host_bytes(example_bytes, 4) == (options.examples_ahead(4) + 2 * 4) * example_bytes
+    # Read ahead (3 pieces per process) and the two batch buffers, plus the pieces in
+    # flight: each worker's ring of 2 x 2 + 2 slots of a piece of 4 (the crops' 3,072 bytes,
+    # the labels' 16 and the lighting's 48 each on 64-byte lines: 3,200), in whole pages.
+    rings = 2 * 5 * 4096 if workers else 0
+    assert options.host_bytes(example, 4) == ((3 * 4 * max(workers, 1) + 2 * 4) * example_bytes + rings)
     host = stream.HostBatches(data.train_dataset(0), 4, options, reuse=True)
     ahead = []
     try:
@@ -250,9 +256,22 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
             assert next(host)["image"].shape == (4, 16, 16, 3)
             time.sleep(0.5)  # a slow training step: meanwhile the pipeline fills every buffer
             ahead.append(log.stat().st_size - 4 * received)
+        assert sum(ring_mappings().values()) == rings  # both rings mapped here, as large as stated
     finally:
         host.close()
     assert 0 < max(ahead) <= options.examples_ahead(4), ahead
+    assert not ring_mappings()
+
+
+def ring_mappings(pid: int | str = "self") -> dict[str, int]:
+    """The workers' rings (`data/piece_rings.py`) that process `pid` maps: bytes by inode."""
+    found = {}
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[5].startswith("/memfd:resnet_jax-piece-ring"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            found[fields[4]] = found.get(fields[4], 0) + end - start
+    return found
 
 
 def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
