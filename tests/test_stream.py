@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from resnet_jax.config import imagenet_recipe
-from resnet_jax.data import augment, image_records, stream
+from resnet_jax.data import augment, image_records, piece_rings, stream
 from resnet_jax.data.sources import DataError
 from resnet_jax.data.stream import HostBatches
 from resnet_jax.parallel import data_parallel
@@ -284,34 +284,60 @@ def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
     assert batches[2]["x"].tolist() == [[8, 8], [9, 9]]
 
 
-def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_remedies(folder, monkeypatch):
+def test_the_default_pipeline_at_224_needs_no_shared_memory_and_blocks_that_would_not_fit_are_refused(
+        folder, monkeypatch):
+    """Pieces in the workers' rings take no /dev/shm: the default training pipeline at
+    224x224 passes a container's default 64 MiB with the default workers or a pod's
+    pool. Pieces that cross as blocks of their own (no rings on the system, or larger than
+    the rings' slots) are still counted and refused where they would not fit."""
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 64 * 2**20)
+    for workers in (-1, 112):
+        config = small_config(folder, num_workers=workers, image_size=224, scale_range=(256, 480),
+                              eval_resize=256)
+        config.batch_size = 1024  # pieces of 32, as ImageNet's
+        stream.StreamedData(config, data_parallel(), ("train",))
     sizes = dict(num_workers=2, image_size=38, scale_range=(40, 44), eval_resize=40)
     options = stream.PipelineOptions.of(small_config(folder, **sizes))
     assert options.pieces_in_shared_memory == 2 * (2 * 4 + 2) + 50  # the defaults' worker buffers of 4
     # small_config's batch of 4 travels in pieces of 4: 4 38x38 crops (17,328 bytes) take
-    # five pages; the lighting offsets (48 bytes) travel pickled.
+    # five pages as a block; the lighting offsets (48 bytes) travel pickled.
     assert options.piece_of(4) == 4
     need = options.pieces_in_shared_memory * 5 * 4096
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need // 2)
+    stream.StreamedData(small_config(folder, **sizes), data_parallel(), ("train",))  # in the rings
     refused = (r"/dev/shm has 0.7 MiB free, but the training pipeline needs up to 1.4 MiB there: "
-               r"70 pieces of 4 examples in flight .* of 20480 bytes.*--shm-size")
+               r"70 pieces of 4 examples in flight .* of 20480 bytes, each in shared-memory blocks of its own"
+               r".*--shm-size=1g")
+    monkeypatch.setattr(stream.piece_rings, "AVAILABLE", False)  # as on macOS: no rings
     with pytest.raises(DataError, match=refused):
         stream.StreamedData(small_config(folder, **sizes), data_parallel(), ("train",))
-    monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
+    monkeypatch.undo()
     example = {"image": np.zeros((38, 38, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
-    stream.check_shared_memory(options, example, "x", 4)
+    smaller = {"image": np.zeros((30, 30, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: need - 1)
+    with pytest.raises(DataError, match=r"needs up to 1.4 MiB there: 70 pieces"):  # larger than the slots
+        stream.check_shared_memory(options, example, "x", 4, slot_example=smaller)
+    stream.check_shared_memory(options, example, "x", 4)  # slots sized for it
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
+    stream.check_shared_memory(options, example, "x", 4, slot_example=smaller)
     in_process = stream.PipelineOptions.of(small_config(folder, num_workers=0))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: 0)
+    monkeypatch.setattr(stream.piece_rings, "AVAILABLE", False)
     stream.check_shared_memory(in_process, example, "x", 4)  # no workers: no shared memory
 
 
-def test_an_evaluation_whose_views_do_not_fit_in_shared_memory_is_refused_before_its_workers_start(
+def test_evaluation_views_cross_in_the_rings_and_without_rings_are_refused_where_they_do_not_fit(
         folder, monkeypatch):
     data = stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train", "eval"))
-    # The eval batch of 4 travels in pieces of 4. Four sets of ten 16x16 crops (30,720 bytes)
-    # take eight pages; so do a multi-scale piece's four pairs of 24x32 canvases (18,432
-    # bytes, five pages) and of 16x22 ones (8,448 bytes, three pages). Four 16x16 crops
-    # (3,072 bytes) travel pickled: center evaluation needs no shared memory.
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 0)
+    for mode in ("center", "ten_crop", "multi_scale"):  # the rings' slots hold the largest views
+        with data.eval_passes(mode):
+            pass
+    # Without rings the eval batch of 4 travels in pieces of 4 as blocks. Four sets of ten
+    # 16x16 crops (30,720 bytes) take eight pages; so do a multi-scale piece's four pairs
+    # of 24x32 canvases (18,432 bytes, five pages) and of 16x22 ones (8,448 bytes, three
+    # pages). Four 16x16 crops (3,072 bytes) travel pickled: center evaluation needs none.
+    monkeypatch.setattr(stream.piece_rings, "AVAILABLE", False)
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: 70 * 8 * 4096 - 1)
     for mode in ("ten_crop", "multi_scale"):
         refused = (rf"/dev/shm has 2.2 MiB free, but the {mode} evaluation pipeline needs up to 2.2 MiB "
@@ -320,6 +346,38 @@ def test_an_evaluation_whose_views_do_not_fit_in_shared_memory_is_refused_before
             pass
     with data.eval_passes("center"):
         pass
+
+
+class GrowingExamples:
+    """Position -> an example whose array widens with it, as a multi-scale pass's canvases
+    do bucket after bucket."""
+
+    def __call__(self, i):
+        return {"x": np.full(64 * (1 + i // 16), i, np.int32), "i": np.int32(i)}
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["slots for the largest", "slots for the first"])
+def test_pieces_larger_than_their_slots_cross_as_blocks_and_slots_sized_for_the_largest_hold_them_all(
+        monkeypatch, sized):
+    import grain
+
+    seen = []
+    leaves = piece_rings.RingReader.leaves
+    monkeypatch.setattr(piece_rings.RingReader, "leaves",
+                        lambda self, token: seen.append("piece" in token) or leaves(self, token))
+    examples = grain.MapDataset.range(48).map(GrowingExamples())
+    largest = GrowingExamples()(47) if sized else None
+    # Batches of 16, each one piece, each wider than the last: worker 0 writes pieces 0 and
+    # 2 (its first piece's slots are too narrow for 2), worker 1 piece 1.
+    host = stream.HostBatches(examples, 16, stream.PipelineOptions(2, 1, 1, 1, piece=16), largest=largest)
+    try:
+        batches = list(host)
+    finally:
+        host.close()
+    assert [b["i"].tolist() for b in batches] == [list(range(k, k + 16)) for k in (0, 16, 32)]
+    assert all((b["x"] == b["i"][:, None]).all() and b["x"].shape == (16, 64 * (1 + k)) for k, b in
+               enumerate(batches))
+    assert seen == [False, False, not sized]  # slots sized for the first: piece 2 as blocks
 
 
 def test_automatic_workers_share_this_process_cpus_among_the_hosts_training_processes(monkeypatch):
