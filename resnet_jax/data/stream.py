@@ -468,9 +468,10 @@ def shared_memory_bytes(example: Any, piece: int = 1) -> int:
 
 
 def _crosses_as_blocks(options: PipelineOptions, example: Any, batch_size: int, slot_example: Any) -> bool:
-    """Whether pieces of examples like `example` cross as shared-memory blocks of their
-    own: without rings, or larger than the slots of rings sized for `slot_example` (None:
-    for `example`, as `HostBatches` sizes them from its `largest`)."""
+    """Whether pieces of examples like `example` (the largest the pipeline makes) cross as
+    shared-memory blocks of their own: without rings, or larger than the slots of rings
+    sized for `slot_example` (None: for `example` itself, as `HostBatches` sizes them for
+    its `largest`, or for a first piece as large as any)."""
     if not options.workers or not piece_rings.AVAILABLE:
         return bool(options.workers)
     piece = options.piece_of(batch_size)
