@@ -518,3 +518,33 @@ def test_the_normalization_sample_is_decoded_without_a_worker_pool_giving_the_po
     assert len(images) == len(sample) and mean.shape == (16, 16, 3)
     np.testing.assert_array_equal(np.asarray(norm.mean), mean)
     np.testing.assert_array_equal(np.asarray(norm.std), std)
+
+
+@pytest.mark.skipif(not piece_rings.AVAILABLE, reason="no memory files on this system")
+def test_a_ring_hands_pieces_over_waits_for_free_slots_and_refuses_another_workers_piece():
+    from resnet_jax.data import memory_files
+
+    reader = piece_rings.RingReader(2)
+    writer = piece_rings.RingWriter(reader.control, 2, 2)  # two slots: pieces 0, 2 of worker 0
+    piece = lambda k: {"x": np.full((4, 8), k, np.float32)}  # noqa: E731
+    try:
+        tokens = [writer(0, piece(0)), writer(2, piece(2))]
+        assert all("piece" not in token for token in tokens)  # in the ring, not pickled
+        for k, token in zip((0, 2), tokens, strict=True):
+            leaves, _, done = reader.leaves(token)
+            assert (leaves[0] == k).all()
+            done()
+        slow = concurrent.futures.ThreadPoolExecutor(1).submit(writer, 4, piece(4))  # reuses slot 0
+        assert (reader.leaves(slow.result(timeout=10))[0][0] == 4).all()  # piece 0 was consumed
+        blocked = concurrent.futures.ThreadPoolExecutor(1).submit(writer, 8, piece(8))  # slot 0 not free
+        with pytest.raises(concurrent.futures.TimeoutError):
+            blocked.result(timeout=0.5)
+        reader.stop()  # closed: no worker waits any more
+        blocked.result(timeout=10)
+        with pytest.raises(RuntimeError, match="input worker 0 of 2 was given a piece of worker 1"):
+            writer(1, piece(1))
+        pid, fd, device, inode = reader.control
+        with pytest.raises(DataError, match="no longer the"):  # the inode is checked
+            memory_files.open_mapped((pid, fd, device, inode + 1), 8, writable=False, what="control block")
+    finally:
+        reader.close()

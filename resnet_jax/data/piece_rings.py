@@ -32,6 +32,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -87,8 +88,8 @@ class RingWriter:
 
     def _open_ring(self, worker: int, piece_bytes: int) -> None:
         """Maps the control block and creates this worker's ring at its first piece. The
-        ring's descriptor stays open for the life of the worker: the training process
-        opens the ring through it."""
+        ring's descriptor stays open while this writer lives (as long as the worker): the
+        training process opens the ring through it."""
         with self._lock:
             if self._worker is None:
                 self._control = memory_files.open_mapped(self.control, 8 * (1 + self.workers), writable=False,
@@ -96,6 +97,7 @@ class RingWriter:
                 self.slot_size = self.slot_size or piece_bytes
                 size = self.slots * self.slot_size
                 fd, reference = memory_files.create("resnet_jax-piece-ring", size)
+                weakref.finalize(self, os.close, fd)
                 self._ring = memory_files.mapped(fd, size, writable=True)
                 self._worker, self._reference = worker, (reference, size)
             elif worker != self._worker:  # Grain no longer hands every W-th element to a worker
