@@ -28,7 +28,7 @@ worker process (per core, when each worker has one), the bound on examples decod
 measuring process, a fresh one per worker count, and its workers) while streaming,
 sampled every 50 ms from /proc: the sum of
 resident sets (RSS, which counts pages shared between the processes, such as libraries
-and /dev/shm blocks, once per process) and of proportional sets (PSS, shared pages split
+and the workers' rings, once per process) and of proportional sets (PSS, shared pages split
 between their processes: the tree's real footprint). Linux only.
 """
 

@@ -13,9 +13,10 @@ generated image folder and starts its pool (`stream.HostBatches`). It reports:
   interpreter, imports and first examples;
 - the file descriptors of the training process and of a worker, with the pool started
   and its queues full (after a pause with nothing consumed), and their kinds: the
-  pool's own (pipes, sockets, anonymous inodes, files) apart from the shared-memory
-  blocks of the examples in flight (`/dev/shm/...`), whose number follows how examples
-  cross processes, not the pool.
+  pool's own (pipes, sockets, anonymous inodes, files) apart from the memory files
+  (`/memfd:...`: the workers' rings, their control block and the shared file list) and
+  the shared-memory blocks of examples in flight (`/dev/shm/...`), whose numbers follow
+  how examples cross processes, not the pool.
 The folder's file list is tiny; `--records` times the pickling of one worker's copy of the
 dataset with an image folder of that many files (ImageNet's 1,281,167 by default), whose
 file list the workers map rather than copy (`data/shared_arrays.py`). The last line is a
@@ -53,20 +54,29 @@ def write_images(root: Path, count: int = 64, classes: int = 4) -> Path:
 
 
 def descriptors(pid: int | str = "self") -> dict[str, int]:
-    """`pid`'s open file descriptors by kind: shm (/dev/shm blocks), pipe, socket, anon
-    (anonymous inodes: eventfd, epoll), file (anything else)."""
-    kinds = dict.fromkeys(("shm", "pipe", "socket", "anon", "file"), 0)
+    """`pid`'s open file descriptors by kind: shm (/dev/shm blocks), arena (multiprocessing's
+    heap of shared counters and locks, in /dev/shm but unlinked as soon as made), memfd
+    (memory files and their mappings), pipe, socket, anon (anonymous inodes: eventfd,
+    epoll), file (anything else)."""
+    kinds = dict.fromkeys(("shm", "arena", "memfd", "pipe", "socket", "anon", "file"), 0)
     folder = f"/proc/{pid}/fd"
     for fd in os.listdir(folder):
         try:
             target = os.readlink(f"{folder}/{fd}")
         except OSError:  # closed meanwhile (or listdir's own descriptor)
             continue
-        kind = ("shm" if target.startswith("/dev/shm/") else "pipe" if target.startswith("pipe:")
+        kind = ("arena" if target.startswith("/dev/shm/pym-") else "shm" if target.startswith("/dev/shm/")
+                else "memfd" if target.startswith("/memfd:")
+                else "pipe" if target.startswith("pipe:")
                 else "socket" if target.startswith("socket:") else "anon" if target.startswith("anon_inode:")
                 else "file")
         kinds[kind] += 1
     return kinds
+
+
+def pool_descriptors(kinds: dict[str, int]) -> int:
+    """The descriptors of `descriptors` other than memory files and shared-memory blocks."""
+    return sum(n for kind, n in kinds.items() if kind not in ("shm", "memfd"))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -104,11 +114,13 @@ def measure(data_dir: Path, workers: int) -> dict:
     try:
         next(host)
         first_batch_s, trainer_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+        for _ in range(workers - 1):  # a piece of each worker: every ring mapped
+            next(host)
         pool = [p.pid for p in multiprocessing.active_children()]
         started = [(cpu_seconds(pid), memory(pid)) for pid in pool]
         time.sleep(3)  # nothing consumed: every queue and buffer fills
         full = descriptors()
-        worker_fds = [sum(descriptors(pid).values()) for pid in pool]
+        workers_fds = [descriptors(pid) for pid in pool]
     finally:
         host.close()
     return {
@@ -116,8 +128,11 @@ def measure(data_dir: Path, workers: int) -> dict:
         "worker_cpu_s": float(np.mean([c for c, _ in started])),
         "worker_pss": float(np.mean([m["pss"] for _, m in started])),
         "worker_rss": float(np.mean([m["rss"] for _, m in started])),
-        "fds_before": sum(before.values()), "fds_full": full, "worker_fds": max(worker_fds),
-        "pool_fds": sum(n for kind, n in full.items() if kind != "shm") - sum(before.values()),
+        "fds_before": sum(before.values()), "fds_full": full,
+        "worker_fds": max(sum(fds.values()) for fds in workers_fds),
+        "worker_memfd_fds": max(fds["memfd"] for fds in workers_fds),
+        "pool_fds": pool_descriptors(full) - pool_descriptors(before),
+        "ring_fds": full["memfd"] - before["memfd"],
     }
 
 
@@ -190,18 +205,21 @@ def main() -> None:
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as fresh:
             copy = fresh.submit(pickled_copy, data_dir, args.records).result()
     print("workers  first batch  trainer CPU  worker CPU  worker PSS/RSS   "
-          "trainer fds (own + pool + shm)  worker fds")
+          "trainer fds (own + pool + rings + shm)  worker fds (memfd)")
     for r in rows:
         full = r["fds_full"]
         print(f"{r['workers']:7d}  {r['first_batch_s']:9.2f} s  {r['trainer_cpu_s']:9.2f} s  "
               f"{r['worker_cpu_s']:8.2f} s  {r['worker_pss'] / 2**20:5.0f}/"
               f"{r['worker_rss'] / 2**20:3.0f} MiB  "
-              f"{r['fds_before']:5d} + {r['pool_fds']:4d} + {full['shm']:4d} shm  {r['worker_fds']:10d}")
+              f"{r['fds_before']:5d} + {r['pool_fds']:4d} + {r['ring_fds']:3d} + {full['shm']:4d} shm  "
+              f"{r['worker_fds']:10d} ({r['worker_memfd_fds']})")
     counts = [r["workers"] for r in rows]
     per_worker = {
         "first_batch_s": fit(counts, [r["first_batch_s"] for r in rows]),
         "trainer_cpu_s": fit(counts, [r["trainer_cpu_s"] for r in rows]),
         "pool_fds": fit(counts, [r["pool_fds"] for r in rows]),
+        "ring_fds": fit(counts, [r["ring_fds"] for r in rows]),
+        "arena_fds": fit(counts, [r["fds_full"]["arena"] for r in rows]),
         "shm_fds": fit(counts, [r["fds_full"]["shm"] for r in rows]),
     }
     for name, (slope, intercept) in per_worker.items():
@@ -220,6 +238,7 @@ def main() -> None:
         "worker_pss_bytes": float(np.mean([r["worker_pss"] for r in rows])),
         "worker_rss_bytes": float(np.mean([r["worker_rss"] for r in rows])),
         "worker_fds": max(r["worker_fds"] for r in rows),
+        "worker_memfd_fds": max(r["worker_memfd_fds"] for r in rows),
         "trainer_fds_before_pool": rows[0]["fds_before"],
         "records": args.records, "dataset_copy": copy, "runs": rows,
     }))

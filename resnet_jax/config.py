@@ -128,7 +128,7 @@ def _marked_schema(model: str = "resnet20", dataset: str = "cifar10") -> ml_coll
             # transferred ahead to the devices by a background thread. Workers stack examples
             # into pieces of up to 32 (`stream.PIECE`); each reads with `read_threads`
             # threads, up to `read_buffer_size` pieces ahead, and queues up to
-            # `worker_buffer_size` pieces for the main process (its shared-memory ring has
+            # `worker_buffer_size` pieces for the main process (its ring, a memory file, has
             # 2 x worker_buffer_size + 2 slots): pieces decoded ahead stay within workers x
             # (read_buffer_size + 2 x worker_buffer_size + 2), held in bytes with the two
             # reused batch buffers by `stream.PipelineOptions.host_bytes`.

@@ -62,9 +62,14 @@ def test_worker_startup_measures_the_descriptors_the_check_counts():
 
     line = last_json_line("worker_startup.py", "--workers", "1", "2", "--records", "100000")
     assert line["per_worker"]["pool_fds"] == pytest.approx(pool_limits.FDS_PER_WORKER)
-    assert line["trainer_fds_before_pool"] < pool_limits.FIXED_FDS
-    for run in line["runs"]:  # within the pipeline's bound, at the default buffers of 4
-        assert 0 < run["fds_full"]["shm"] <= run["workers"] * (2 * 4 + 2) + 50
+    # One mapped ring per worker, and the rings' control block (its file and mapping).
+    assert line["per_worker"]["ring_fds"] == pytest.approx(pool_limits.RING_FDS_PER_WORKER)
+    assert line["fixed"]["ring_fds"] == pytest.approx(2)
+    assert line["trainer_fds_before_pool"] + 2 < pool_limits.FIXED_FDS
+    # A worker: its ring's file and mapping, the control block's and the file list's mappings.
+    assert line["worker_memfd_fds"] == 4
+    for run in line["runs"]:  # every piece in the rings: no shared-memory block
+        assert run["fds_full"]["shm"] == 0
         assert run["first_batch_s"] > 0 and run["worker_cpu_s"] > 0 and run["worker_pss"] > 0
     copy = line["dataset_copy"]  # the 100,000 paths stay behind, mapped by every worker, not copied
     assert copy["bytes"] < copy["shared_bytes"] / 10 and copy["resident_bytes"] < copy["shared_bytes"] / 10

@@ -275,16 +275,15 @@ def test_a_signal_to_the_whole_process_group_with_input_workers_saves_the_step_a
 def test_a_file_descriptor_limit_too_low_for_the_pools_is_refused_before_compiling_and_the_need_suffices(
         image_folder, tmp_path):
     """`ulimit -n` below what the stated figures give for 2 training and 2 evaluation workers
-    passing 38x38 crops (one shared-memory block each) is one paragraph, exit 2, before
-    anything compiles or is written; at exactly that number the run trains and evaluates."""
+    passing 38x38 crops (in the workers' rings: no shared-memory block) is one paragraph,
+    exit 2, before anything compiles or is written; at exactly that number the run trains
+    and evaluates."""
     from resnet_jax.data import pool_limits
 
     flags = ["--config.dataset.image_size=38", "--config.dataset.scale_range=40,44",
              "--config.dataset.eval_resize=40", "--config.dataset.eval_workers=2",
              "--config.num_train_steps=4", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
-    # PipelineOptions.pieces_in_shared_memory: 2 workers, buffers of 4, 50 pending unlinks.
-    blocks_per_pool = 2 * (2 * 4 + 2) + 50
-    need = pool_limits.FIXED_FDS + pool_limits.FDS_PER_WORKER * 4 + 2 * blocks_per_pool
+    need = pool_limits.FIXED_FDS + (pool_limits.FDS_PER_WORKER + pool_limits.RING_FDS_PER_WORKER) * 4
 
     def run_with_limit(limit, workdir):
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -466,23 +465,53 @@ def group_size(group: int) -> int:
     return len(group_processes(group))
 
 
-def maps_a_shared_file_list(pid: int) -> bool:
-    """Whether process `pid` maps an image folder's shared file list (`data/shared_arrays.py`)."""
+def maps_a_memory_file(pid: int, name: str) -> bool:
+    """Whether process `pid` maps a memory file named `name` (`data/memory_files.py`): an
+    image folder's shared file list, a worker's piece ring."""
     with contextlib.suppress(OSError):  # a process that just ended
-        return "/memfd:resnet_jax-shared-arrays" in Path(f"/proc/{pid}/maps").read_text()
+        return f"/memfd:{name}" in Path(f"/proc/{pid}/maps").read_text()
     return False
+
+
+def maps_a_shared_file_list(pid: int) -> bool:
+    return maps_a_memory_file(pid, "resnet_jax-shared-arrays")
+
+
+def shared_memory_held(pids) -> set[str]:
+    """The /dev/shm files (still named there) that the processes `pids` hold open or map."""
+    targets = []
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a process that just ended
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            targets += [line.split(maxsplit=5)[-1] for line in maps]
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):  # a descriptor just closed
+                    targets.append(os.readlink(fd))
+    return {t for t in targets if t.startswith("/dev/shm/") and not t.endswith("(deleted)")}
+
+
+def orphaned_shared_memory(before: set[str], semaphores: set[str]) -> list[str]:
+    """The files in /dev/shm, apart from `before`, that no process holds open or maps: left
+    behind by a process that ended. Of multiprocessing's semaphores (`sem.mp-...`, which
+    any Python process on the host may be making and removing), only `semaphores`."""
+    all_pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    new = {str(p) for p in Path("/dev/shm").iterdir()} - before
+    new = {name for name in new if not name.startswith("/dev/shm/sem.mp-") or name in semaphores}
+    return sorted(new - shared_memory_held(all_pids))
 
 
 @pytest.mark.grain
 @pytest.mark.parametrize("stop", ["end", signal.SIGINT, signal.SIGKILL], ids=["end", "SIGINT", "SIGKILL"])
 def test_the_workers_map_the_trainers_file_list_and_nothing_of_it_outlives_the_run(stop, image_folder,
                                                                                    tmp_path):
-    """The input workers map the training process's file list rather than copying it; when
+    """The input workers map the training process's file list rather than copying it, and
+    hand their pieces over in rings that the trainer maps, none of them in /dev/shm; when
     the run ends, is interrupted by Ctrl-C to its group, or its trainer is killed outright,
-    nothing of the list is left behind (no file in the run's temporary directory, the
-    workers gone)."""
+    nothing of the list or the rings is left behind (no file in the run's temporary
+    directory or /dev/shm, the workers gone)."""
     temporary = tmp_path / "tmp"
     temporary.mkdir()
+    shm_before = {str(p) for p in Path("/dev/shm").iterdir()}
     command = [*streamed_command(image_folder, tmp_path / "run"), "--config.num_train_steps=8"]
     environment = {**os.environ, "TMPDIR": str(temporary)}
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -491,6 +520,11 @@ def test_the_workers_map_the_trainers_file_list_and_nothing_of_it_outlives_the_r
     assert maps_a_shared_file_list(process.pid)
     workers = [pid for pid in group_processes(process.pid) if pid != process.pid]
     assert sum(map(maps_a_shared_file_list, workers)) >= 2, workers  # the 2 training workers at least
+    assert maps_a_memory_file(process.pid, "resnet_jax-piece-ring")  # a training worker's ring
+    # Every piece crossed in a ring: the run holds in /dev/shm only the semaphores of
+    # multiprocessing's queues (a page each; its resource tracker removes them).
+    held = shared_memory_held([process.pid, *workers])
+    assert {name for name in held if not name.startswith("/dev/shm/sem.mp-")} == set(), held
     if stop == signal.SIGINT:
         os.killpg(process.pid, stop)
     elif stop == signal.SIGKILL:
@@ -499,6 +533,7 @@ def test_the_workers_map_the_trainers_file_list_and_nothing_of_it_outlives_the_r
     assert process.returncode == (-signal.SIGKILL if stop == signal.SIGKILL else 0), stderr[-3000:]
     await_group_exit(process.pid)
     assert list(temporary.iterdir()) == []
+    assert orphaned_shared_memory(shm_before, semaphores=held) == []
 
 
 @pytest.mark.grain

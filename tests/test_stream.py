@@ -8,12 +8,13 @@ import multiprocessing
 import os
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from resnet_jax.config import imagenet_recipe
-from resnet_jax.data import augment, image_records, stream
+from resnet_jax.data import augment, image_records, piece_rings, stream
 from resnet_jax.data.sources import DataError
 from resnet_jax.data.stream import HostBatches
 from resnet_jax.parallel import data_parallel
@@ -235,6 +236,7 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
     config = small_config(folder)
     config.num_train_steps = 40
     data = stream.StreamedData(config, data_parallel(), ("train",))
+    example = data.train_dataset(0)[0]
     log = tmp_path / "decoded"
     log.touch()
     data.train = CountingSource(data.train, log)
@@ -242,7 +244,11 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
     # Batches of 4 travel as pieces of 4 (the largest divisor up to stream.PIECE).
     assert options.examples_ahead(4) == 4 * (3 if workers == 0 else 2 * (3 + 2 * 2 + 2))
     example_bytes = 16 * 16 * 3 + 4 + 3 * 4
-    assert options.host_bytes(example_bytes, 4) == (options.examples_ahead(4) + 2 * 4) * example_bytes
+    # Read ahead (3 pieces per process) and the two batch buffers, plus the pieces in
+    # flight: each worker's ring of 2 x 2 + 2 slots of a piece of 4 (the crops' 3,072 bytes,
+    # the labels' 16 and the lighting's 48 each on 64-byte lines: 3,200), in whole pages.
+    rings = 2 * 5 * 4096 if workers else 0
+    assert options.host_bytes(example, 4) == ((3 * 4 * max(workers, 1) + 2 * 4) * example_bytes + rings)
     host = stream.HostBatches(data.train_dataset(0), 4, options, reuse=True)
     ahead = []
     try:
@@ -250,9 +256,22 @@ def test_a_slow_consumer_holds_decoding_within_the_stated_bound_of_examples_ahea
             assert next(host)["image"].shape == (4, 16, 16, 3)
             time.sleep(0.5)  # a slow training step: meanwhile the pipeline fills every buffer
             ahead.append(log.stat().st_size - 4 * received)
+        assert sum(ring_mappings().values()) == rings  # both rings mapped here, as large as stated
     finally:
         host.close()
     assert 0 < max(ahead) <= options.examples_ahead(4), ahead
+    assert not ring_mappings()
+
+
+def ring_mappings(pid: int | str = "self") -> dict[str, int]:
+    """The workers' rings (`data/piece_rings.py`) that process `pid` maps: bytes by inode."""
+    found = {}
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[5].startswith("/memfd:resnet_jax-piece-ring"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            found[fields[4]] = found.get(fields[4], 0) + end - start
+    return found
 
 
 def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
@@ -265,34 +284,60 @@ def test_hosts_batches_end_with_a_short_batch_and_keep_the_examples_order():
     assert batches[2]["x"].tolist() == [[8, 8], [9, 9]]
 
 
-def test_too_little_shared_memory_is_refused_before_compiling_naming_sizes_and_remedies(folder, monkeypatch):
+def test_the_default_pipeline_at_224_needs_no_shared_memory_and_blocks_that_would_not_fit_are_refused(
+        folder, monkeypatch):
+    """Pieces in the workers' rings take no /dev/shm: the default training pipeline at
+    224x224 passes a container's default 64 MiB with the default workers or a pod's
+    pool. Pieces that cross as blocks of their own (no rings on the system, or larger than
+    the rings' slots) are still counted and refused where they would not fit."""
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 64 * 2**20)
+    for workers in (-1, 112):
+        config = small_config(folder, num_workers=workers, image_size=224, scale_range=(256, 480),
+                              eval_resize=256)
+        config.batch_size = 1024  # pieces of 32, as ImageNet's
+        stream.StreamedData(config, data_parallel(), ("train",))
     sizes = dict(num_workers=2, image_size=38, scale_range=(40, 44), eval_resize=40)
     options = stream.PipelineOptions.of(small_config(folder, **sizes))
     assert options.pieces_in_shared_memory == 2 * (2 * 4 + 2) + 50  # the defaults' worker buffers of 4
     # small_config's batch of 4 travels in pieces of 4: 4 38x38 crops (17,328 bytes) take
-    # five pages; the lighting offsets (48 bytes) travel pickled.
+    # five pages as a block; the lighting offsets (48 bytes) travel pickled.
     assert options.piece_of(4) == 4
     need = options.pieces_in_shared_memory * 5 * 4096
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: need // 2)
+    stream.StreamedData(small_config(folder, **sizes), data_parallel(), ("train",))  # in the rings
     refused = (r"/dev/shm has 0.7 MiB free, but the training pipeline needs up to 1.4 MiB there: "
-               r"70 pieces of 4 examples in flight .* of 20480 bytes.*--shm-size")
+               r"70 pieces of 4 examples in flight .* of 20480 bytes, each in shared-memory blocks of its own"
+               r".*--shm-size=1g")
+    monkeypatch.setattr(stream.piece_rings, "AVAILABLE", False)  # as on macOS: no rings
     with pytest.raises(DataError, match=refused):
         stream.StreamedData(small_config(folder, **sizes), data_parallel(), ("train",))
-    monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
+    monkeypatch.undo()
     example = {"image": np.zeros((38, 38, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
-    stream.check_shared_memory(options, example, "x", 4)
+    smaller = {"image": np.zeros((30, 30, 3), np.uint8), "lighting": np.zeros(3, np.float32)}
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: need - 1)
+    with pytest.raises(DataError, match=r"needs up to 1.4 MiB there: 70 pieces"):  # larger than the slots
+        stream.check_shared_memory(options, example, "x", 4, slot_example=smaller)
+    stream.check_shared_memory(options, example, "x", 4)  # slots sized for it
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: need)  # just enough
+    stream.check_shared_memory(options, example, "x", 4, slot_example=smaller)
     in_process = stream.PipelineOptions.of(small_config(folder, num_workers=0))
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: 0)
+    monkeypatch.setattr(stream.piece_rings, "AVAILABLE", False)
     stream.check_shared_memory(in_process, example, "x", 4)  # no workers: no shared memory
 
 
-def test_an_evaluation_whose_views_do_not_fit_in_shared_memory_is_refused_before_its_workers_start(
+def test_evaluation_views_cross_in_the_rings_and_without_rings_are_refused_where_they_do_not_fit(
         folder, monkeypatch):
     data = stream.StreamedData(small_config(folder, num_workers=2), data_parallel(), ("train", "eval"))
-    # The eval batch of 4 travels in pieces of 4. Four sets of ten 16x16 crops (30,720 bytes)
-    # take eight pages; so do a multi-scale piece's four pairs of 24x32 canvases (18,432
-    # bytes, five pages) and of 16x22 ones (8,448 bytes, three pages). Four 16x16 crops
-    # (3,072 bytes) travel pickled: center evaluation needs no shared memory.
+    monkeypatch.setattr(stream, "_free_shared_memory", lambda: 0)
+    for mode in ("center", "ten_crop", "multi_scale"):  # the rings' slots hold the largest views
+        with data.eval_passes(mode):
+            pass
+    # Without rings the eval batch of 4 travels in pieces of 4 as blocks. Four sets of ten
+    # 16x16 crops (30,720 bytes) take eight pages; so do a multi-scale piece's four pairs
+    # of 24x32 canvases (18,432 bytes, five pages) and of 16x22 ones (8,448 bytes, three
+    # pages). Four 16x16 crops (3,072 bytes) travel pickled: center evaluation needs none.
+    monkeypatch.setattr(stream.piece_rings, "AVAILABLE", False)
     monkeypatch.setattr(stream, "_free_shared_memory", lambda: 70 * 8 * 4096 - 1)
     for mode in ("ten_crop", "multi_scale"):
         refused = (rf"/dev/shm has 2.2 MiB free, but the {mode} evaluation pipeline needs up to 2.2 MiB "
@@ -301,6 +346,38 @@ def test_an_evaluation_whose_views_do_not_fit_in_shared_memory_is_refused_before
             pass
     with data.eval_passes("center"):
         pass
+
+
+class GrowingExamples:
+    """Position -> an example whose array widens with it, as a multi-scale pass's canvases
+    do bucket after bucket."""
+
+    def __call__(self, i):
+        return {"x": np.full(64 * (1 + i // 16), i, np.int32), "i": np.int32(i)}
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["slots for the largest", "slots for the first"])
+def test_pieces_larger_than_their_slots_cross_as_blocks_and_slots_sized_for_the_largest_hold_them_all(
+        monkeypatch, sized):
+    import grain
+
+    seen = []
+    leaves = piece_rings.RingReader.leaves
+    monkeypatch.setattr(piece_rings.RingReader, "leaves",
+                        lambda self, token: seen.append("piece" in token) or leaves(self, token))
+    examples = grain.MapDataset.range(48).map(GrowingExamples())
+    largest = GrowingExamples()(47) if sized else None
+    # Batches of 16, each one piece, each wider than the last: worker 0 writes pieces 0 and
+    # 2 (its first piece's slots are too narrow for 2), worker 1 piece 1.
+    host = stream.HostBatches(examples, 16, stream.PipelineOptions(2, 1, 1, 1, piece=16), largest=largest)
+    try:
+        batches = list(host)
+    finally:
+        host.close()
+    assert [b["i"].tolist() for b in batches] == [list(range(k, k + 16)) for k in (0, 16, 32)]
+    assert all((b["x"] == b["i"][:, None]).all() and b["x"].shape == (16, 64 * (1 + k)) for k, b in
+               enumerate(batches))
+    assert seen == [False, False, not sized]  # slots sized for the first: piece 2 as blocks
 
 
 def test_automatic_workers_share_this_process_cpus_among_the_hosts_training_processes(monkeypatch):
@@ -441,3 +518,33 @@ def test_the_normalization_sample_is_decoded_without_a_worker_pool_giving_the_po
     assert len(images) == len(sample) and mean.shape == (16, 16, 3)
     np.testing.assert_array_equal(np.asarray(norm.mean), mean)
     np.testing.assert_array_equal(np.asarray(norm.std), std)
+
+
+@pytest.mark.skipif(not piece_rings.AVAILABLE, reason="no memory files on this system")
+def test_a_ring_hands_pieces_over_waits_for_free_slots_and_refuses_another_workers_piece():
+    from resnet_jax.data import memory_files
+
+    reader = piece_rings.RingReader(2)
+    writer = piece_rings.RingWriter(reader.control, 2, 2)  # two slots: pieces 0, 2 of worker 0
+    piece = lambda k: {"x": np.full((4, 8), k, np.float32)}  # noqa: E731
+    try:
+        tokens = [writer(0, piece(0)), writer(2, piece(2))]
+        assert all("piece" not in token for token in tokens)  # in the ring, not pickled
+        for k, token in zip((0, 2), tokens, strict=True):
+            leaves, _, done = reader.leaves(token)
+            assert (leaves[0] == k).all()
+            done()
+        slow = concurrent.futures.ThreadPoolExecutor(1).submit(writer, 4, piece(4))  # reuses slot 0
+        assert (reader.leaves(slow.result(timeout=10))[0][0] == 4).all()  # piece 0 was consumed
+        blocked = concurrent.futures.ThreadPoolExecutor(1).submit(writer, 8, piece(8))  # slot 0 not free
+        with pytest.raises(concurrent.futures.TimeoutError):
+            blocked.result(timeout=0.5)
+        reader.stop()  # closed: no worker waits any more
+        blocked.result(timeout=10)
+        with pytest.raises(RuntimeError, match="input worker 0 of 2 was given a piece of worker 1"):
+            writer(1, piece(1))
+        pid, fd, device, inode = reader.control
+        with pytest.raises(DataError, match="no longer the"):  # the inode is checked
+            memory_files.open_mapped((pid, fd, device, inode + 1), 8, writable=False, what="control block")
+    finally:
+        reader.close()

@@ -3,11 +3,14 @@ pool starts or anything compiles.
 
 Measured (`benchmarks/worker_startup.py`; benchmarks/RESULTS.md, "Input workers at pod
 size"): a Grain pool holds `FDS_PER_WORKER` descriptors in the training process for each
-of its workers (the worker's pipes and queues), whatever the examples; and each shared-
-memory block of an example between a worker and this process holds one more, here or in
-flight, so the blocks count apart, from the pipeline's own bound on examples in shared
-memory. `FIXED_FDS` covers this process's own (its libraries, JAX's runtime, checkpoint
-and metrics files, two per image folder for its shared file list), with room to spare."""
+of its workers (the worker's pipes and queues), whatever the examples, and
+`RING_FDS_PER_WORKER` more for its mapping of the worker's ring (`piece_rings`; the worker
+holds its ring's file, its own mapping of it and one of the control block). A piece that
+crosses in shared-memory blocks of its own (larger than its ring's slots, or on a system
+without rings) holds one per block, here or in flight, so such blocks count apart, from
+the pipeline's own bound on pieces in shared memory. `FIXED_FDS` covers this process's
+own (its libraries, JAX's runtime, checkpoint and metrics files, two per image folder for
+its shared file list, two per pool for its rings' control block), with room to spare."""
 
 from __future__ import annotations
 
@@ -17,13 +20,16 @@ from resnet_jax.data.sources import DataError
 
 FIXED_FDS = 64
 FDS_PER_WORKER = 8
+RING_FDS_PER_WORKER = 1
 
 
 def file_descriptors_needed(workers: int, shared_memory_blocks: int) -> int:
     """Descriptors a process needs for pools of `workers` workers in all, with at most
     `shared_memory_blocks` blocks of examples between them and this process (0 workers: no
     pool, nothing to check)."""
-    return FIXED_FDS + FDS_PER_WORKER * workers + shared_memory_blocks if workers else 0
+    if not workers:
+        return 0
+    return FIXED_FDS + (FDS_PER_WORKER + RING_FDS_PER_WORKER) * workers + shared_memory_blocks
 
 
 def check_file_descriptors(train: tuple[int, int], evaluation: tuple[int, int]) -> None:
@@ -41,7 +47,8 @@ def check_file_descriptors(train: tuple[int, int], evaluation: tuple[int, int]) 
     raise DataError(
         f"The input pipeline needs about {need} file descriptors, but this process may open "
         f"{soft} (ulimit -n): {train[0]} training and {evaluation[0]} evaluation worker processes "
-        f"at {FDS_PER_WORKER} each, up to {blocks} shared-memory blocks of examples in flight at one "
+        f"at {FDS_PER_WORKER + RING_FDS_PER_WORKER} each (its pipes and queues, and the mapping of its "
+        f"ring), up to {blocks} shared-memory blocks of examples in flight at one "
         f"each, plus {FIXED_FDS} of its own. Run `ulimit -n {need}` in the shell that launches "
         f"training ({raising}), or lower dataset.num_workers, dataset.eval_workers or "
         f"dataset.worker_buffer_size."

@@ -20,20 +20,19 @@ exit. It costs this process two file descriptors (the file and its mapping) and 
 one (its mapping), within `pool_limits.FIXED_FDS`.
 
 The reference holds on this host while this process lives; a worker checks that the
-descriptor still names the same file (its inode) before it maps it. Without
-`memfd_create` (macOS) the arrays travel pickled, compact but one copy per worker.
+descriptor still names the same file (its inode) before it maps it (`memory_files`).
+Without `memfd_create` (macOS) the arrays travel pickled, compact but one copy per worker.
 """
 
 from __future__ import annotations
 
 import fcntl
-import mmap
 import os
 import weakref
 
 import numpy as np
 
-from resnet_jax.data.sources import DataError
+from resnet_jax.data import memory_files
 
 _ALIGN = 64  # each array starts on a cache line
 _SEALS = ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE")
@@ -52,14 +51,13 @@ class SharedArrays:
             layout.append((name, array.dtype.str, array.shape, offset))
             size = offset + array.nbytes
         self._layout, self._size, self._file = tuple(layout), max(size, 1), None  # mmap needs a byte
-        if not hasattr(os, "memfd_create"):
+        if not memory_files.AVAILABLE:
             self._arrays = arrays
             for array in arrays.values():
                 array.flags.writeable = False
             return
-        fd = os.memfd_create("resnet_jax-shared-arrays", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd, self._file = memory_files.create("resnet_jax-shared-arrays", self._size, sealable=True)
         weakref.finalize(self, os.close, fd)
-        os.ftruncate(fd, self._size)
         for (_, _, _, offset), array in zip(layout, arrays.values(), strict=True):
             data = memoryview(array).cast("B")
             while data:
@@ -67,9 +65,7 @@ class SharedArrays:
                 data, offset = data[written:], offset + written
         # Sealed: no process can change or shrink what the others have mapped.
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, sum(getattr(fcntl, seal) for seal in _SEALS))
-        stat = os.fstat(fd)
-        self._file = (os.getpid(), fd, stat.st_dev, stat.st_ino)
-        self._arrays = self._mapped(fd)
+        self._arrays = self._views(memory_files.mapped(fd, self._size, writable=False))
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
@@ -79,8 +75,7 @@ class SharedArrays:
         """The bytes the arrays take, once per host however many processes map them."""
         return self._size
 
-    def _mapped(self, fd: int) -> dict[str, np.ndarray]:
-        buffer = mmap.mmap(fd, self._size, prot=mmap.PROT_READ)  # holds a descriptor of its own
+    def _views(self, buffer) -> dict[str, np.ndarray]:
         return {name: np.frombuffer(buffer, dtype, int(np.prod(shape)), offset).reshape(shape)
                 for name, dtype, shape, offset in self._layout}
 
@@ -95,17 +90,5 @@ class SharedArrays:
         if "arrays" in state:
             self._arrays = state["arrays"]
             return
-        pid, fd, device, inode = state["file"]
-        path = f"/proc/{pid}/fd/{fd}"
-        try:
-            opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as error:
-            raise DataError(f"{path}: cannot open the arrays process {pid} shares ({error}); they are "
-                            "readable on its host while it runs") from None
-        try:
-            stat = os.fstat(opened)
-            if (stat.st_dev, stat.st_ino) != (device, inode):
-                raise DataError(f"{path}: no longer the arrays process {pid} shared (it closed them)")
-            self._arrays = self._mapped(opened)
-        finally:
-            os.close(opened)
+        self._arrays = self._views(memory_files.open_mapped(state["file"], self._size, writable=False,
+                                                            what="arrays"))

@@ -3,7 +3,7 @@
 Grain (`pip install -e '.[stream]'`, imported only here) maps positions to single
 examples: decode with Pillow and augment with numpy (`data/augment.py`) in worker
 processes (`PipelineOptions`), which stack them into pieces (`PIECE`) and hand these over
-through shared-memory rings (`data/piece_rings.py`); this process copies the pieces into
+through rings in anonymous memory files (`data/piece_rings.py`); this process copies the pieces into
 batch buffers reused from step to step (`HostBatches`), and at most
 `PipelineOptions.examples_ahead` examples are decoded ahead of the consumer. A background
 thread turns this process's part of every batch into the global array with the mesh's
@@ -321,6 +321,10 @@ class _EvalExample:
                 if not self.settings.skip_unreadable:
                     raise
                 _skipped(error, self._counts)
+        return self.padding(position)
+
+    def padding(self, position: int) -> dict:
+        """The example of a padding position (masked out), as large as a real one."""
         return {**self.blank(position), "label": np.int32(0), "mask": np.bool_(False)}
 
 
@@ -348,8 +352,9 @@ class _RecordBucket:
 _LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                          "SLURM_NTASKS_PER_NODE")
 
-# Grain unlinks the shared memory of a piece the consumer is done with on a background
-# thread, with up to this many unlinks pending (`SharedMemoryArray.enable_async_del`'s
+# Grain unlinks the shared memory of a piece that crossed as blocks of its own (one larger
+# than its ring's slots, or any without rings) on a background thread once the consumer is
+# done with it, with up to this many unlinks pending (`SharedMemoryArray.enable_async_del`'s
 # default): blocks already joined into a batch that may still occupy /dev/shm.
 _PENDING_SHM_UNLINKS = 50
 # A shared-memory block takes whole pages and a file: arrays smaller than a page (a
@@ -360,8 +365,8 @@ _PAGE = 4096
 # Python of joining, the same whatever the piece's size: over 32 examples it is a small
 # part of the cost of copying their pixels, where over 8 it is about half as much again
 # (benchmarks/RESULTS.md, the host-side ceiling, by piece size). Larger pieces gain little
-# more and multiply the shared memory of each worker's ring (a 224x224 piece is 4.8 MB,
-# a ring holds 2 x worker_buffer_size + 2). A piece is the
+# more and multiply the memory of each worker's ring (a 224x224 piece is 4.8 MB, a ring
+# holds 2 x worker_buffer_size + 2). A piece is the
 # largest divisor of the batch up to this, so that no piece straddles two batches (a multi-
 # scale evaluation batch holds one canvas size, the next one may hold another).
 PIECE = 32
@@ -418,27 +423,41 @@ class PipelineOptions:
 
     @property
     def pieces_in_shared_memory(self) -> int:
-        """Most pieces in /dev/shm at once: per worker, one being queued, `worker_buffer`
-        in its queue, `worker_buffer` in this process's buffer for it and one on its way
-        there; and the consumed ones whose unlinking is pending. 0 without workers."""
+        """Most pieces in /dev/shm at once where they cross as blocks of their own (larger
+        than their ring's slots, or without rings): per worker, one being queued,
+        `worker_buffer` in its queue, `worker_buffer` in this process's buffer for it and
+        one on its way there; and the consumed ones whose unlinking is pending. 0 without
+        workers."""
         return self.workers * (2 * self.worker_buffer + 2) + _PENDING_SHM_UNLINKS if self.workers else 0
 
     def examples_ahead(self, batch_size: int) -> int:
         """Most examples decoded (or being decoded) that the consumer has not yet received
         in a batch, whenever it is not inside `next()`: pieces of `piece_of(batch_size)`,
         the read buffer of this process (0 workers) or each worker's read buffer plus what
-        it has in flight towards this process (`pieces_in_shared_memory` less the pending
-        unlinks)."""
+        it has in flight towards this process (its ring's slots, `ring_slots`)."""
         if not self.workers:
             return self.read_buffer * self.piece_of(batch_size)
-        pieces = self.workers * (self.read_buffer + 2 * self.worker_buffer + 2)
+        pieces = self.workers * (self.read_buffer + self.ring_slots)
         return pieces * self.piece_of(batch_size)
 
-    def host_bytes(self, example_bytes: int, batch_size: int) -> int:
-        """The bound on this process's host memory for the pipeline's examples, in bytes:
-        the examples ahead (`examples_ahead`) and the `HostBatches.RING` batch buffers,
-        each example `example_bytes`; the workers' own footprint comes on top."""
-        return (self.examples_ahead(batch_size) + HostBatches.RING * batch_size) * example_bytes
+    def host_bytes(self, example: Any, batch_size: int) -> int:
+        """The bound on the host memory of the pipeline's examples like `example`, in bytes:
+        the examples ahead (`examples_ahead`) and the `HostBatches.RING` batch buffers of
+        this process. The pieces in flight are the workers' rings, whole (each worker's
+        `piece_rings.ring_bytes`, shared by it and this process), or without rings the
+        `pieces_in_shared_memory`' blocks (arrays below a page pickled). The workers' own
+        footprint comes on top."""
+        piece = self.piece_of(batch_size)
+        example_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(example))
+        read_ahead = self.read_buffer * piece * max(self.workers, 1)
+        in_flight = 0
+        if self.workers and piece_rings.AVAILABLE:
+            in_flight = self.workers * piece_rings.ring_bytes(example, piece, self.ring_slots)
+        elif self.workers:
+            sizes = [piece * np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(example)]
+            pickled = sum(size for size in sizes if size < _PAGE)
+            in_flight = self.pieces_in_shared_memory * (shared_memory_bytes(example, piece) + pickled)
+        return (read_ahead + HostBatches.RING * batch_size) * example_bytes + in_flight
 
 
 def shared_memory_bytes(example: Any, piece: int = 1) -> int:
@@ -448,11 +467,27 @@ def shared_memory_bytes(example: Any, piece: int = 1) -> int:
     return sum(-(-size // _PAGE) * _PAGE for size in sizes if size >= _PAGE)
 
 
-def _pool_footprint(options: PipelineOptions, example: Any, batch_size: int) -> tuple[int, int]:
+def _crosses_as_blocks(options: PipelineOptions, example: Any, batch_size: int, slot_example: Any) -> bool:
+    """Whether pieces of examples like `example` (the largest the pipeline makes) cross as
+    shared-memory blocks of their own: without rings, or larger than the slots of rings
+    sized for `slot_example` (None: for `example` itself, as `HostBatches` sizes them for
+    its `largest`, or for a first piece as large as any)."""
+    if not options.workers or not piece_rings.AVAILABLE:
+        return bool(options.workers)
+    piece = options.piece_of(batch_size)
+    slot = piece_rings.slot_bytes(example if slot_example is None else slot_example, piece)
+    return piece_rings.slot_bytes(example, piece) > slot
+
+
+def _pool_footprint(options: PipelineOptions, example: Any, batch_size: int,
+                    slot_example: Any = None) -> tuple[int, int]:
     """(workers, most shared-memory blocks in flight) of a pool passing examples like
-    `example` in batches of `batch_size`, for `pool_limits.check_file_descriptors`: each
-    array of a piece of a page or more counted as a block of its own (an over-count: most
-    pieces cross in the workers' rings, one block each)."""
+    `example` (the largest) in batches of `batch_size`, its rings' slots sized for
+    `slot_example` (`_crosses_as_blocks`), for `pool_limits.check_file_descriptors`: each
+    array of a page or more of a piece that crosses as blocks is a block of its own; a
+    piece in a ring, none."""
+    if not _crosses_as_blocks(options, example, batch_size, slot_example):
+        return options.workers, 0
     piece = options.piece_of(batch_size)
     blocks = sum(piece * np.asarray(leaf).nbytes >= _PAGE for leaf in jax.tree_util.tree_leaves(example))
     return options.workers, options.pieces_in_shared_memory * blocks
@@ -464,9 +499,14 @@ def _free_shared_memory(path: str = "/dev/shm") -> int | None:
     return shutil.disk_usage(path).free if os.path.isdir(path) else None
 
 
-def check_shared_memory(options: PipelineOptions, example: Any, what: str, batch_size: int) -> None:
+def check_shared_memory(options: PipelineOptions, example: Any, what: str, batch_size: int,
+                        slot_example: Any = None) -> None:
     """Refuses, naming the sizes and the ways out, a pipeline whose pieces in flight
-    between worker processes would not fit in the free /dev/shm."""
+    between worker processes would not fit in the free /dev/shm: only pieces that cross as
+    blocks of their own take it (`_crosses_as_blocks`; `example` is the largest the
+    pipeline passes), none of those in the workers' rings."""
+    if not _crosses_as_blocks(options, example, batch_size, slot_example):
+        return
     piece = options.piece_of(batch_size)
     need = options.pieces_in_shared_memory * shared_memory_bytes(example, piece)
     free = _free_shared_memory()
@@ -477,10 +517,11 @@ def check_shared_memory(options: PipelineOptions, example: Any, what: str, batch
         f"/dev/shm has {free / mib:.1f} MiB free, but the {what} pipeline needs up to {need / mib:.1f} MiB "
         f"there: {options.pieces_in_shared_memory} pieces of {piece} examples in flight between its "
         f"{options.workers} worker processes and this one (workers x (2 x dataset.worker_buffer_size + 2) + "
-        f"{_PENDING_SHM_UNLINKS}) of {shared_memory_bytes(example, piece)} bytes. Give the container more "
-        f"shared memory (docker run "
-        f"--shm-size=1g, Kubernetes: an emptyDir with medium Memory on /dev/shm), or lower "
-        f"dataset.num_workers or dataset.worker_buffer_size."
+        f"{_PENDING_SHM_UNLINKS}) of {shared_memory_bytes(example, piece)} bytes, each in shared-memory "
+        f"blocks of its own (too large for the workers' rings, or no rings on this system). Give the "
+        f"container more shared memory (docker run --shm-size={-(-need // 2**30)}g, Kubernetes: an "
+        f"emptyDir with medium Memory on /dev/shm), or lower dataset.num_workers or "
+        f"dataset.worker_buffer_size."
     )
 
 
@@ -495,20 +536,26 @@ class HostBatches:
     With `reuse` the buffers are a ring of `RING`, allocated once: batch k is overwritten
     by batch k + RING, so its user must be done with it by then (`DeviceBatches`); without,
     each batch is fresh. The examples come in the dataset's order for any number of
-    workers (Grain interleaves the workers' slices round-robin). `check_shared_memory`
-    first, where workers pass examples of a new size."""
+    workers (Grain interleaves the workers' slices round-robin). The workers' rings hold
+    pieces of `largest`, an example as large as any of `dataset`'s (None: each worker's
+    first piece is as large as any it makes); `check_shared_memory` first, where workers
+    pass examples of a new size."""
 
     # One buffer being filled while the previous batch's transfer to the devices completes.
     RING = 2
 
-    def __init__(self, dataset, batch_size: int, options: PipelineOptions, reuse: bool = False):
+    def __init__(self, dataset, batch_size: int, options: PipelineOptions, reuse: bool = False,
+                 largest: Any = None):
         grain = _grain()
         self.batch_size, self.reuse = batch_size, reuse
-        pieces = dataset.batch(options.piece_of(batch_size))
-        self._rings = piece_rings.RingReader(options.workers) if options.workers else None
-        if options.workers:
+        piece = options.piece_of(batch_size)
+        pieces = dataset.batch(piece)
+        self._rings = None
+        if options.workers and piece_rings.AVAILABLE:
+            self._rings = piece_rings.RingReader(options.workers)
+            slot = None if largest is None else piece_rings.slot_bytes(largest, piece)
             pieces = pieces.map_with_index(
-                piece_rings.RingWriter(self._rings.prefix, options.workers, options.ring_slots))
+                piece_rings.RingWriter(self._rings.control, options.workers, options.ring_slots, slot))
         iter_dataset = pieces.to_iter_dataset(grain.ReadOptions(
             num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer))
         if options.workers:
@@ -693,7 +740,7 @@ class StreamedData:
             center = _EvalExample(self.eval, np.zeros(0, np.int64), self.settings, "center",
                                   _Positions(1, 0, 1))
             eval_share = self.eval_batch_size // jax.process_count()
-            eval_pool = _pool_footprint(self.eval_pipeline, center.blank(0), eval_share)
+            eval_pool = _pool_footprint(self.eval_pipeline, center.padding(0), eval_share)
         pool_limits.check_file_descriptors(self._train_pool, eval_pool)
         self.normalization = self._normalization()
 
@@ -795,19 +842,23 @@ class StreamedData:
         dataset = grain.MapDataset.range(num_batches * share).map(examples)
         if self.eval_pipeline.workers:
             # A padding example has the shape of a real one, without reading an image: the
-            # largest is that of the widest canvas bucket (multi-scale), or any.
+            # largest is that of the widest canvas bucket (multi-scale), or any. The rings'
+            # slots hold it (the first piece of a multi-scale pass is of the squarest
+            # bucket present, its smallest canvases), so no piece crosses through /dev/shm.
             firsts = [0] if buckets is None else np.unique(buckets, return_index=True)[1]
-            largest = max((examples.blank(int(position)) for position in firsts), key=shared_memory_bytes,
-                          default={})
+            largest = max((examples.padding(int(position)) for position in firsts),
+                          key=lambda example: piece_rings.slot_bytes(example, 1), default={})
             check_shared_memory(self.eval_pipeline, largest, f"{mode} evaluation", share)
             pool_limits.check_file_descriptors(self._train_pool,
                                                _pool_footprint(self.eval_pipeline, largest, share))
+        else:
+            largest = None
         host, batches = None, None
 
         def one_pass() -> Iterator[StreamedBatch]:
             nonlocal host, batches
             if host is None:  # the examples repeat: a pass is the next num_batches batches
-                host = HostBatches(dataset.repeat(), share, self.eval_pipeline, reuse=True)
+                host = HostBatches(dataset.repeat(), share, self.eval_pipeline, reuse=True, largest=largest)
             if batches is not None:
                 batches.close()
             batches = DeviceBatches(itertools.islice(host, num_batches), self.parallel,
