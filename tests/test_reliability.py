@@ -83,14 +83,21 @@ def start_in_own_group(command, stderr=subprocess.PIPE):
                             start_new_session=True)
 
 
-def read_until(process, start: str) -> list[str]:
-    """The lines `process` prints up to the first that begins with `start`, which it must print."""
+def read_until(process, start: str, stderr_file=None) -> list[str]:
+    """The lines `process` prints up to the first that begins with `start`, which it must print
+    (else the error shows its output, and `stderr_file`'s where its stderr went there)."""
     lines = []
     for line in process.stdout:  # ends when the process does, so cannot wait forever
         lines.append(line)
         if line.startswith(start):
             return lines
-    raise AssertionError(f"train.py ended without printing {start!r}: {''.join(lines)[-3000:]}")
+    process.wait(timeout=60)
+    stderr = ""
+    if stderr_file is not None:
+        stderr_file.seek(0)
+        stderr = f"\nits stderr:\n{stderr_file.read()[-3000:]}"
+    raise AssertionError(f"train.py ended (exit status {process.returncode}) without printing {start!r}: "
+                         f"{''.join(lines)[-3000:]}{stderr}")
 
 
 def start_and_signal(data_dir, workdir, sig, after_step):
@@ -100,7 +107,7 @@ def start_and_signal(data_dir, workdir, sig, after_step):
     the one before."""
     with tempfile.TemporaryFile("w+") as stderr_file:  # not a pipe: nobody reads it until the end
         process = start_in_own_group(train_command(data_dir, workdir), stderr=stderr_file)
-        stdout = read_until(process, progress_line(after_step))
+        stdout = read_until(process, progress_line(after_step), stderr_file)
         sent_at = time.time()
         os.killpg(process.pid, sig)
         rest, _ = process.communicate(timeout=120)
