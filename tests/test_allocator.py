@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-# Counts the page faults of each of 8 calls of a jitted ResNet-8 gradient (batch 64),
+# Counts the page faults of each of 16 calls of a jitted ResNet-8 gradient (batch 64),
 # whose scratch memory (tens of MB) glibc would otherwise map and unmap on every call.
 SCRIPT = """
 import json, resource, sys
@@ -24,7 +24,7 @@ def loss(params):
     return jnp.sum(logits ** 2)
 grad = jax.jit(jax.grad(loss))
 faults = []
-for _ in range(8):
+for _ in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(grad(variables["params"]))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
