@@ -41,8 +41,9 @@ _CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 # StableHLO: `stablehlo.convolution(...) ... : (tensor<AxBxbf16>, tensor<...>) -> ...`
 _OPERAND_TYPES = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->")
 # The forms an HLO collective's replica_groups take: a mesh and the axes reduced over
-# (`mesh['axis_0'=4,'axis_1'=2] {'axis_1'}`), an iota tile (`[4,2]<=[8]`, groups of the
-# last size), or the groups listed (`{{0,1},{2,3}}`).
+# (`mesh['axis_0'=4,'axis_1'=2] {'axis_1'}`), or sub-axes of them, as newer XLA writes
+# (`mesh['data'=8] {'data':(4)2}`: of 'data', the sub-axis of size 2 after one of 4), an
+# iota tile (`[4,2]<=[8]`, groups of the last size), or the groups listed (`{{0,1},{2,3}}`).
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=")
 _LISTED_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
@@ -86,7 +87,8 @@ def replica_group_size(instruction: str) -> int | str:
     """How many devices each replica group of an HLO collective instruction holds."""
     if match := _MESH_GROUPS.search(instruction):
         sizes = dict(re.findall(r"'(\w+)'=(\d+)", match.group(1)))
-        return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", match.group(2)))
+        reduced = re.findall(r"'(\w+)'(?::\(\d+\)(\d+))?", match.group(2))  # (axis, sub-axis size or "")
+        return math.prod(int(sub or sizes[axis]) for axis, sub in reduced)
     if match := _IOTA_GROUPS.search(instruction):
         return int(match.group(1).split(",")[-1])
     if match := _LISTED_GROUPS.search(instruction):
