@@ -34,7 +34,7 @@ import numpy as np
 from resnet_jax.data import augment
 from resnet_jax.data.image_records import header_image_shape
 from resnet_jax.data.sources import DataError
-from resnet_jax.data.stream import _Positions, _Settings, _skipped, epoch_share
+from resnet_jax.data.stream import TrainShareReader, _Positions, _Settings, _skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,35 +160,12 @@ class TrainFeed:
     OUTPUTS = ("encoded", "anchor", "shape", "roi_start", "roi_end", "label", "lighting")
 
     def __init__(self, source, settings: _Settings, positions: _Positions, start_step: int):
-        self.read, self.settings, self.positions = _Records(source), settings, positions
-        self.num_records, self.start_step = len(source), start_step
-        self._epoch, self._share, self._first_local = -1, None, 0
-        self._counts = collections.Counter()
-
-    def _share_of(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:  # once per epoch
-            n = self.num_records
-            self._share = epoch_share(self.settings.seed, n, epoch, self.positions)
-            self._first_local = self.positions.locals_before(epoch * n)
-            self._epoch = epoch
-        return self._share
+        self.settings, self.positions, self.start_step = settings, positions, start_step
+        self._records = TrainShareReader(_Records(source), len(source), settings, positions)
 
     def sample(self, local: int) -> tuple:
         s = self.settings
-        position = self.positions.global_position(local)
-        share = self._share_of(position // self.num_records)
-        k = local - self._first_local
-        for offset in range(len(share)):  # an unreadable image (when skipping): the next of the share
-            try:
-                data, label, height, width = self.read(int(share[(k + offset) % len(share)]))
-                break
-            except DataError as error:
-                if not s.skip_unreadable:
-                    raise
-                _skipped(error, self._counts)
-        else:
-            raise DataError(f"no readable image in this process's share of the training split "
-                            f"({len(share)} tried)")
+        position, (data, label, height, width) = self._records(local)
         rng = np.random.default_rng([s.seed, 1, position])
         view = train_window(rng, height, width, s)
         lighting = augment.lighting_offset(rng, s.lighting_std) if s.lighting_std else np.zeros(3, np.float32)

@@ -228,41 +228,52 @@ def epoch_share(seed: int, num_records: int, epoch: int, positions: _Positions) 
     return epoch_order(seed, epoch, num_records)[mine]
 
 
-class _TrainExample:
-    """Local position -> {"image", "label", "lighting"}: a pure function of (seed, position),
-    the image one of this process's share of the position's epoch (`epoch_share`)."""
+class TrainShareReader:
+    """Local position -> (its global position, `read(record)` of the record it reads): the
+    record at the position of this process's share of the position's epoch
+    (`epoch_share`); an unreadable image (when skipping) is replaced by the next one of the
+    share. What both loaders' training examples read (`_TrainExample`, `dali_feed.TrainFeed`)."""
 
-    def __init__(self, source, settings: _Settings, positions: _Positions):
-        self.source, self.settings, self.positions = source, settings, positions
+    def __init__(self, read: Callable[[int], Any], num_records: int, settings: _Settings,
+                 positions: _Positions):
+        self.read, self.num_records, self.settings, self.positions = read, num_records, settings, positions
         self._epoch, self._share, self._first_local = -1, None, 0
         self._counts = collections.Counter()
 
     def _share_of(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:  # once per epoch per worker
-            n = len(self.source)
+            n = self.num_records
             self._share = epoch_share(self.settings.seed, n, epoch, self.positions)
             self._first_local = self.positions.locals_before(epoch * n)
             self._epoch = epoch
         return self._share
 
-    def __call__(self, local: int) -> dict:
-        s = self.settings
+    def __call__(self, local: int) -> tuple[int, Any]:
         position = self.positions.global_position(local)
-        share = self._share_of(position // len(self.source))
+        share = self._share_of(position // self.num_records)
         k = local - self._first_local  # this position's place in the share
-        # An unreadable image (when skipping) is replaced by the next one of the share.
         for offset in range(len(share)):
-            index = int(share[(k + offset) % len(share)])
             try:
-                image, label = self.source[index]
-                break
+                return position, self.read(int(share[(k + offset) % len(share)]))
             except DataError as error:
-                if not s.skip_unreadable:
+                if not self.settings.skip_unreadable:
                     raise
                 _skipped(error, self._counts)
-        else:
-            raise DataError(f"no readable image in this process's share of the training split "
-                            f"({len(share)} tried)")
+        raise DataError(f"no readable image in this process's share of the training split "
+                        f"({len(share)} tried)")
+
+
+class _TrainExample:
+    """Local position -> {"image", "label", "lighting"}: a pure function of (seed, position),
+    the image one of this process's share of the position's epoch (`epoch_share`)."""
+
+    def __init__(self, source, settings: _Settings, positions: _Positions):
+        self.settings = settings
+        self._records = TrainShareReader(source.__getitem__, len(source), settings, positions)
+
+    def __call__(self, local: int) -> dict:
+        s = self.settings
+        position, (image, label) = self._records(local)
         rng = np.random.default_rng([s.seed, 1, position])
         if s.augment == "scale_crop_flip":
             image = augment.scale_crop_flip(rng, image, s.scale_range, s.image_size)
