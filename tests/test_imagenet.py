@@ -15,7 +15,7 @@ import pytest
 
 from resnet_jax import checkpoint
 from resnet_jax.config import imagenet_recipe
-from resnet_jax.data import stream
+from resnet_jax.data import image_records, stream
 from resnet_jax.evaluate import evaluate_workdir
 from resnet_jax.train import train_and_evaluate
 from tests.fake_data import write_image_folder
@@ -158,7 +158,7 @@ def test_the_training_step_compiles_while_the_input_workers_start(folder, tmp_pa
     from resnet_jax import train
 
     worker_read, compiling = tmp_path / "worker_read", tmp_path / "compiling"
-    open_split = stream.open_split
+    open_split = image_records.open_split
 
     def rendezvous_train_split(name, split, *args):
         records = open_split(name, split, *args)
@@ -173,7 +173,7 @@ def test_the_training_step_compiles_while_the_input_workers_start(folder, tmp_pa
             compiled.append(name)
         return compile_ahead(step, name, *args)
 
-    monkeypatch.setattr(stream, "open_split", rendezvous_train_split)
+    monkeypatch.setattr(image_records, "open_split", rendezvous_train_split)
     monkeypatch.setattr(train, "compile_ahead", compile_meeting_the_workers)
     config = small_config(data_dir=folder, num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
     config.dataset.num_workers = 1

@@ -39,7 +39,7 @@ import numpy as np
 
 from resnet_jax.data import augment
 from resnet_jax.data.dali_feed import EvalFeed, TrainFeed
-from resnet_jax.data.image_records import open_split
+from resnet_jax.data.image_records import open_splits
 from resnet_jax.data.sources import DataError
 from resnet_jax.data.stream import (
     Normalization,
@@ -205,11 +205,7 @@ class DaliData:
         d = config.dataset
         self.config, self.parallel = config, parallel
         self.settings = _Settings.of(config)
-        data_dir = d.data_dir or None
-        self.train = open_split(d.name, d.train_split, data_dir)
-        self.eval = None
-        if "eval" in roles:
-            self.eval = open_split(d.name, d.eval_split, data_dir, getattr(self.train, "classes", None))
+        self.train, self.eval = open_splits(d, roles)
         self.num_classes = self.train.num_classes
         self.threads = auto_workers() if d.num_workers == -1 else max(d.num_workers, 1)
         self.normalization = self._normalization()

@@ -237,3 +237,14 @@ def open_split(name: str, split: str, data_dir: str | None, classes: tuple[str, 
     if name == "image_folder":
         return ImageFolder(data_dir, split, classes)
     return TfdsRecords(name, split, data_dir or None)
+
+
+def open_splits(dataset, roles: tuple[str, ...]) -> tuple:
+    """(training split, evaluation split or None without the "eval" role) of the streamed
+    dataset `dataset` (a config's `dataset`), the evaluation split with the training
+    split's class folders."""
+    data_dir = dataset.data_dir or None
+    train = open_split(dataset.name, dataset.train_split, data_dir)
+    if "eval" not in roles:
+        return train, None
+    return train, open_split(dataset.name, dataset.eval_split, data_dir, getattr(train, "classes", None))

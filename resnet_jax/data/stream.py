@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from resnet_jax.data import augment, input_workers, piece_rings, pool_limits
-from resnet_jax.data.image_records import open_split
+from resnet_jax.data.image_records import open_splits
 from resnet_jax.data.sources import DataError
 from resnet_jax.parallel import Parallel, eval_batch_size_for, gather_from_processes
 
@@ -725,11 +725,7 @@ class StreamedData:
         d = config.dataset
         self.config, self.parallel = config, parallel
         self.settings = _Settings.of(config)
-        data_dir = d.data_dir or None
-        self.train = open_split(d.name, d.train_split, data_dir)
-        self.eval = None
-        if "eval" in roles:
-            self.eval = open_split(d.name, d.eval_split, data_dir, getattr(self.train, "classes", None))
+        self.train, self.eval = open_splits(d, roles)
         self.num_classes = self.train.num_classes
         self.pipeline = PipelineOptions.of(config)
         # A training run's evaluation pool is small (`dataset.eval_workers`); evaluate.py's
