@@ -15,7 +15,6 @@ one image of the set, its loss by 0.1% (measured: the same errors, losses within
 """
 
 import io
-import json
 import os
 import shutil
 import signal
@@ -35,7 +34,7 @@ from resnet_jax.parallel import data_parallel
 from resnet_jax.train import train_and_evaluate
 from tests.fake_data import COORDINATE_STEP, write_coordinate_folder, write_image_folder
 from tests.test_imagenet import REPO_ROOT, SMALL_SIZES, metrics_lines, small_config
-from tests.test_multihost import finish, free_port, launch, launch_two, lines
+from tests.test_multihost import assert_multi_scale_evaluation_alike, finish, launch, launch_two, lines
 from tests.test_reliability import (
     assert_same_run,
     await_group_exit,
@@ -472,11 +471,4 @@ def test_two_processes_train_and_evaluate_through_dali_like_one(folder, tmp_path
     assert [line["step"] for line in multi_lines] == [line["step"] for line in single_lines]
     assert multi_lines[0]["train_loss"] == pytest.approx(single_lines[0]["train_loss"], abs=1e-5)
 
-    evaluate = ["evaluate.py", f"--workdir={multi}", "--mode=multi_scale"]
-    alone = json.loads(finish(launch(evaluate, devices=4)).splitlines()[-1])
-    address = f"127.0.0.1:{free_port()}"
-    together = [launch([*evaluate, f"--coordinator_address={address}", "--num_processes=2",
-                        f"--process_id={i}"], devices=2) for i in range(2)]
-    result = json.loads([finish(p) for p in together][0].splitlines()[-1])
-    assert result["num_examples"] == alone["num_examples"] == 9
-    assert result["error"] == alone["error"] and result["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert_multi_scale_evaluation_alike(multi, num_examples=9)

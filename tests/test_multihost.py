@@ -134,15 +134,7 @@ def test_two_processes_train_on_a_streamed_image_folder_like_one(tmp_path):
     assert multi_lines[0]["step"] == 1
     assert multi_lines[0]["train_loss"] == pytest.approx(single_lines[0]["train_loss"], abs=1e-5)
 
-    # Multi-scale evaluation: each process reads the image sizes of half the records.
-    evaluate = ["evaluate.py", f"--workdir={multi}", "--mode=multi_scale"]
-    alone = json.loads(finish(launch(evaluate, devices=4)).splitlines()[-1])
-    address = f"127.0.0.1:{free_port()}"
-    together = [launch([*evaluate, f"--coordinator_address={address}", "--num_processes=2",
-                        f"--process_id={i}"], devices=2) for i in range(2)]
-    result = json.loads([finish(p) for p in together][0].splitlines()[-1])
-    assert result["num_examples"] == alone["num_examples"] == 9
-    assert result["error"] == alone["error"] and result["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert_multi_scale_evaluation_alike(multi, num_examples=9)
 
 
 def saved_steps(workdir) -> list[int]:
@@ -184,3 +176,16 @@ def test_when_a_process_dies_the_other_stops_naming_it_and_a_rerun_resumes(data_
     resumed = [finish(p) for p in launch_two(common, workdir)]
     assert f"resuming at step {last}" in resumed[0] and "step 24/24" in resumed[0]
     assert [line["step"] for line in lines(workdir)] == [4, 8, 12, 12, 16, 20, 24, 24]
+
+
+def assert_multi_scale_evaluation_alike(workdir, num_examples: int):
+    """A multi-scale evaluation of `workdir` by 2 processes x 2 devices, each reading the
+    image sizes of half the records, gives what 1 process x 4 devices gives."""
+    evaluate = ["evaluate.py", f"--workdir={workdir}", "--mode=multi_scale"]
+    alone = json.loads(finish(launch(evaluate, devices=4)).splitlines()[-1])
+    address = f"127.0.0.1:{free_port()}"
+    together = [launch([*evaluate, f"--coordinator_address={address}", "--num_processes=2",
+                        f"--process_id={i}"], devices=2) for i in range(2)]
+    result = json.loads([finish(p) for p in together][0].splitlines()[-1])
+    assert result["num_examples"] == alone["num_examples"] == num_examples
+    assert result["error"] == alone["error"] and result["loss"] == pytest.approx(alone["loss"], rel=1e-5)
